@@ -1,0 +1,68 @@
+"""Fused ops of ttrv-edge (DESIGN.md §3), installed as ``ttrv_edge.kernels``.
+
+Every op takes ``backend``: ``"torch"`` runs the pure-torch reference (``reference.py``), ``"triton"`` the fused
+Triton kernel, ``"auto"`` picks triton for CUDA tensors when a Triton backend is available and torch otherwise.
+All backends take bf16/fp16/fp32 inputs and return fp32 outputs.
+"""
+
+from __future__ import annotations
+
+from . import reference
+from .dispatch import resolve_backend
+
+__all__ = ["logprob_entropy", "linear_logprob_entropy", "grpo_loss", "group_rewards", "resolve_backend"]
+
+
+def logprob_entropy(logits, targets, temperature: float = 1.0, backend: str = "auto"):
+    """Per-row log-prob of ``targets`` and entropy of softmax(logits / T).
+
+    logits [N, V] (bf16/fp16/fp32), targets [N] int -> (logp [N] fp32, entropy [N] fp32); differentiable
+    w.r.t. logits.
+    """
+    if resolve_backend(backend, logits) == "triton":
+        from .logprob_entropy import triton_logprob_entropy
+
+        return triton_logprob_entropy(logits, targets, temperature)
+    return reference.logprob_entropy(logits, targets, temperature)
+
+
+def linear_logprob_entropy(hidden, weight, targets, bias=None, temperature: float = 1.0, backend: str = "auto"):
+    """``logprob_entropy(hidden @ weight.T + bias)`` without ever holding the [N, V] logits.
+
+    hidden [N, H], weight [V, H], bias [V] or None, targets [N] -> (logp [N], entropy [N]) fp32. When
+    ``weight`` does not require grad (LoRA never trains lm_head) no weight-gradient buffer is allocated.
+    """
+    if resolve_backend(backend, hidden) == "triton":
+        from .linear_logprob_entropy import triton_linear_logprob_entropy
+
+        return triton_linear_logprob_entropy(hidden, weight, targets, bias, temperature)
+    return reference.linear_logprob_entropy(hidden, weight, targets, bias, temperature)
+
+
+def grpo_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    ref_logp=None,
+    beta: float = 0.0,
+    aggregation: str = "token-mean",
+    backend: str = "auto",
+):
+    """Clipped GRPO loss. logp/old_logp/mask/ref_logp [B, T], advantages [B] -> (loss scalar, stats dict)."""
+    if resolve_backend(backend, logp) == "triton":
+        from .grpo_loss import triton_grpo_loss
+
+        return triton_grpo_loss(logp, old_logp, advantages, mask, eps_low, eps_high, ref_logp, beta, aggregation)
+    return reference.grpo_loss(logp, old_logp, advantages, mask, eps_low, eps_high, ref_logp, beta, aggregation)
+
+
+def group_rewards(answer_ids, alpha: float = 0.75, invalid_id: int = -1, backend: str = "auto"):
+    """Frequency + entropy rewards. answer_ids [G, N] int -> (rewards [G, N], advantages [G, N], entropy [G])."""
+    if resolve_backend(backend, answer_ids) == "triton":
+        from .group_rewards import triton_group_rewards
+
+        return triton_group_rewards(answer_ids, alpha, invalid_id)
+    return reference.group_rewards(answer_ids, alpha, invalid_id)

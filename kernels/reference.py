@@ -1,0 +1,189 @@
+"""Pure-torch references of the four TTRV ops (DESIGN.md §3).
+
+These are the single source of truth for what each op computes: the tests compare every other backend against
+them (and against an fp32 gold computed by the same functions on fp32 inputs), and they are the CPU fallback of
+``backend="auto"``. They favour clarity over speed, with one exception: ``linear_logprob_entropy`` processes rows
+in chunks under activation checkpointing so that even the fallback never keeps an [N, V] logits tensor alive for
+the backward pass.
+
+Conventions shared by all backends:
+- reductions accumulate in fp32, outputs are fp32 whatever the input dtype;
+- ``-inf`` logits are allowed (masked vocabulary entries): they contribute 0 to the entropy, not NaN;
+- advantages use the population standard deviation of the group (``unbiased=False``) so that a group of one
+  rollout is well defined (advantage 0); TRL uses the sample std, which differs by a factor sqrt(N/(N-1)) and
+  is undefined at N=1.
+- the answer entropy H(p) sums over valid answers only; rollouts whose answer is invalid still count in N, so
+  p(a) = count(a) / N exactly as DESIGN §1 writes it, and r_ent = -H(p) / log(K) with K the number of distinct
+  valid answers (0 when K <= 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+ADVANTAGE_EPS = 1e-6
+"""Added to the group standard deviation before dividing (as verl and TTRL do)."""
+
+DEFAULT_ROW_CHUNK = 1024
+"""Rows of hidden states turned into logits at once by the chunked fallback."""
+
+
+def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+    """Log-probability of ``targets`` and entropy of softmax(logits / temperature), per row, in fp32."""
+    z = logits.float() / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    p = logp_all.exp()
+    # 0 * -inf is NaN: masked entries (p == 0) contribute nothing to the entropy.
+    plogp = torch.where(p > 0, p * logp_all, torch.zeros_like(p))
+    entropy = -plogp.sum(-1)
+    return logp, entropy
+
+
+def _chunk_logprob_entropy(hidden, weight, bias, targets, temperature):
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return logprob_entropy(logits, targets, temperature)
+
+
+def linear_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_rows: int = DEFAULT_ROW_CHUNK,
+):
+    """``logprob_entropy(hidden @ weight.T + bias, targets)`` computed ``chunk_rows`` rows at a time.
+
+    Each chunk runs under activation checkpointing, so the backward recomputes that chunk's logits instead of
+    keeping them: peak extra memory is O(chunk_rows x V), not O(N x V).
+    """
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty.clone()
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    logps, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        args = (hidden[rows], weight, bias, targets[rows], temperature)
+        if needs_grad:
+            logp, ent = checkpoint(_chunk_logprob_entropy, *args, use_reentrant=False)
+        else:
+            logp, ent = _chunk_logprob_entropy(*args)
+        logps.append(logp)
+        entropies.append(ent)
+    return torch.cat(logps), torch.cat(entropies)
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    aggregation: str = "token-mean",
+):
+    """Clipped GRPO surrogate (DESIGN §1.6) with optional k3 KL to ``ref_logp``.
+
+    Returns ``(loss, stats)`` where stats has ``clip_fraction`` and ``mean_kl`` (fp32 scalars, no grad).
+    ``token-mean`` averages over all unmasked tokens of the batch; ``sequence-mean`` averages each sequence over
+    its tokens, then averages the sequences that have at least one token. An all-masked batch gives loss 0.
+    """
+    mask = mask.to(torch.float32)
+    logp = logp.float()
+    old_logp = old_logp.float()
+    adv = advantages.float().unsqueeze(-1)
+    ratio = torch.exp(logp - old_logp)
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    if beta != 0.0 and ref_logp is not None:
+        delta = ref_logp.float() - logp
+        kl = torch.exp(delta) - delta - 1.0
+        per_token = per_token + beta * kl
+    else:
+        kl = torch.zeros_like(per_token)
+    loss = _aggregate(per_token, mask, aggregation)
+    with torch.no_grad():
+        is_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+        n_tokens = mask.sum().clamp_min(1.0)
+        stats = {
+            "clip_fraction": (is_clipped.float() * mask).sum() / n_tokens,
+            "mean_kl": (kl.detach() * mask).sum() / n_tokens,
+        }
+    return loss, stats
+
+
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    if aggregation == "token-mean":
+        return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+    if aggregation == "sequence-mean":
+        lengths = mask.sum(-1)
+        per_seq = (per_token * mask).sum(-1) / lengths.clamp_min(1.0)
+        has_tokens = (lengths > 0).float()
+        return (per_seq * has_tokens).sum() / has_tokens.sum().clamp_min(1.0)
+    raise ValueError(f"aggregation must be 'token-mean' or 'sequence-mean', got {aggregation!r}")
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
+    """(r - mean(r)) / (std(r) + eps) along the last dim; population std (see module docstring)."""
+    rewards = rewards.float()
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True, unbiased=False) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
+    return (rewards - mean) / (std + eps)
+
+
+def answer_frequencies(answer_ids: torch.Tensor, invalid_id: int = -1):
+    """Per rollout, the fraction of its group that gave the same valid answer (0 for invalid answers).
+
+    Returns ``(freq[G, N], valid[G, N])``.
+    """
+    ids = answer_ids.long()
+    valid = ids != invalid_id
+    same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)) & valid.unsqueeze(-1) & valid.unsqueeze(-2)
+    freq = same.float().sum(-1) / ids.shape[-1]
+    return freq, valid
+
+
+def group_rewards(answer_ids: torch.Tensor, alpha: float = 0.75, invalid_id: int = -1):
+    """Frequency + entropy rewards (DESIGN §1.4) and group-normalised advantages for G groups of N answers.
+
+    Returns ``(rewards[G, N], advantages[G, N], answer_entropy[G])``; the entropy is H(p) in nats.
+    """
+    if answer_ids.dim() != 2:
+        raise ValueError(f"answer_ids must be [G, N], got shape {tuple(answer_ids.shape)}")
+    freq, valid = answer_frequencies(answer_ids, invalid_id)
+    # Each distinct valid answer a appears count(a) times, each time carrying p(a): summing -log p(a) / N over
+    # the valid rollouts gives -sum_a p(a) log p(a) = H(p) without an explicit list of distinct answers.
+    n = answer_ids.shape[-1]
+    safe = torch.where(valid, freq, torch.ones_like(freq))
+    entropy = -(torch.log(safe) * valid.float()).sum(-1) / n
+    # K = number of distinct valid answers = sum over valid rollouts of 1 / count(a).
+    counts = torch.where(valid, freq * n, torch.ones_like(freq))
+    k = (valid.float() / counts).sum(-1).round()
+    log_k = torch.log(k.clamp_min(1.0))
+    r_ent = torch.where(k > 1, -entropy / torch.where(k > 1, log_k, torch.ones_like(log_k)), torch.zeros_like(k))
+    rewards = freq + alpha * r_ent.unsqueeze(-1)
+    return rewards, group_advantages(rewards), entropy
+
+
+def majority_rewards(answer_ids: torch.Tensor, invalid_id: int = -1) -> torch.Tensor:
+    """TTRL's reward: 1 for rollouts that give the group's most frequent valid answer, else 0.
+
+    Ties go to the smallest answer id, so the result is deterministic. A group with no valid answer gets 0s.
+    """
+    freq, valid = answer_frequencies(answer_ids, invalid_id)
+    ids = answer_ids.long()
+    best = freq.max(-1, keepdim=True).values
+    big = torch.iinfo(torch.long).max
+    candidates = torch.where(valid & (freq == best), ids, torch.full_like(ids, big))
+    majority = candidates.min(-1, keepdim=True).values
+    return ((ids == majority) & valid).float()
+
