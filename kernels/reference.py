@@ -35,8 +35,9 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     logp_all = torch.log_softmax(z, dim=-1)
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     p = logp_all.exp()
-    # 0 * -inf is NaN: masked entries (p == 0) contribute nothing to the entropy.
-    plogp = torch.where(p > 0, p * logp_all, torch.zeros_like(p))
+    # 0 * -inf is NaN: masked entries (p == 0) contribute nothing to the entropy. The -inf is replaced before the
+    # product (not after it) so that the backward pass does not compute 0 * -inf either.
+    plogp = p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))
     entropy = -plogp.sum(-1)
     return logp, entropy
 
@@ -135,9 +136,16 @@ def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) ->
 def group_advantages(rewards: torch.Tensor, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
     """(r - mean(r)) / (std(r) + eps) along the last dim; population std (see module docstring)."""
     rewards = rewards.float()
+    if rewards.shape[-1] == 0:
+        return rewards.clone()
     mean = rewards.mean(-1, keepdim=True)
     std = rewards.std(-1, keepdim=True, unbiased=False) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
-    return (rewards - mean) / (std + eps)
+    # A group whose rewards are all equal carries no signal: its advantages are exactly 0. Without this, the
+    # rounding of the mean (e.g. 12 distinct answers, each with reward 1/12 - alpha) divided by std + eps ~ eps
+    # gave advantages of up to +-0.1.
+    constant = rewards.amax(-1, keepdim=True) == rewards.amin(-1, keepdim=True)
+    centered = torch.where(constant, torch.zeros_like(rewards), rewards - mean)
+    return centered / (std + eps)
 
 
 def answer_frequencies(answer_ids: torch.Tensor, invalid_id: int = -1):
@@ -186,4 +194,3 @@ def majority_rewards(answer_ids: torch.Tensor, invalid_id: int = -1) -> torch.Te
     candidates = torch.where(valid & (freq == best), ids, torch.full_like(ids, big))
     majority = candidates.min(-1, keepdim=True).values
     return ((ids == majority) & valid).float()
-

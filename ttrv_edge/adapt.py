@@ -1,0 +1,340 @@
+"""The TTRV adaptation loops: one GRPO step, the episodic loop and the transductive loop.
+
+Deviations from the paper, and why:
+- the same N rollouts are sampled and trained on (the paper samples 32 votes and trains on 16); on the edge
+  every rollout costs, and the frequency estimate of N=8..16 was enough in our tests;
+- episodic mode stops early when the rollouts reach consensus (the group's advantages would all be zero);
+- a group whose rewards are all equal is skipped, not trained on with zero advantages: the loss and gradient
+  would be exactly zero anyway, and skipping saves the backward pass;
+- "before" and "after" report the greedy answer and the distribution of N samples, so the effect of adaptation
+  on the sampled answers (what TTRL reports) is visible beside the greedy one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import kernels
+from .answers import Question, answer_distribution, majority_answer
+from .config import TTRVConfig
+from .models import LoadedVLM, load_lora_state, lora_state
+from .rewards import compute_rewards
+from .rollout import Rollouts, completion_logprobs, greedy_text, sample_rollouts
+
+Progress = Callable[[int], None]
+"""Called with the number of work units just finished (one unit = one sampling round)."""
+
+
+@dataclass
+class Prediction:
+    """An answer to one input: greedy decoding, and the distribution of N sampled answers."""
+
+    answer: str | None
+    distribution: dict[str, float]
+    majority: str | None
+    text: str
+
+
+@dataclass
+class StepRecord:
+    """One sampling round. ``mean_reward`` and ``loss`` are None when it stopped on consensus before rewarding."""
+
+    step: int
+    mean_reward: float | None
+    consensus: float
+    loss: float | None
+    seconds: float
+    updated: bool
+    answer_entropy: float
+
+
+@dataclass
+class ItemResult:
+    image: str
+    question: str
+    choices: list[str] | None
+    before: Prediction
+    after: Prediction | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PreparedItem:
+    """An input ready for the model: its image already encoded by the processor."""
+
+    label: str
+    question: Question
+    inputs: dict
+
+
+def item_seed(seed: int, *parts: int) -> int:
+    """A per-(phase, item, step) seed derived from the run's seed, stable across runs and platforms."""
+    value = seed
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) % (2**63 - 1)
+    return value
+
+
+def consensus_of(answers: Sequence[str | None]) -> float:
+    """Fraction of rollouts that gave the majority answer (0 when none is valid)."""
+    majority = majority_answer(list(answers))
+    return 0.0 if majority is None else sum(a == majority for a in answers) / len(answers)
+
+
+class Adapter:
+    """Runs TTRV on a loaded VLM: holds the optimizer and the snapshot of the LoRA weights to reset to."""
+
+    def __init__(self, vlm: LoadedVLM, config: TTRVConfig):
+        self.vlm = vlm
+        self.config = config
+        self.initial_state = lora_state(vlm.model)
+        self.optimizer = self._new_optimizer()
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.vlm.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable LoRA parameters")
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def reset(self) -> None:
+        """Restore the LoRA weights the adapter started from and forget the optimizer state."""
+        load_lora_state(self.vlm.model, self.initial_state)
+        self.optimizer = self._new_optimizer()
+
+    def prepare(self, label: str, image, question: Question) -> PreparedItem:
+        return PreparedItem(label, question, self.vlm.prompt_inputs(image, question.prompt()))
+
+    # ------------------------------------------------------------------ answering
+
+    def predict(self, item: PreparedItem, seed: int) -> Prediction:
+        """Greedy answer and the answer distribution of N samples, with the current adapter."""
+        cfg = self.config
+        text = greedy_text(self.vlm, item.inputs, max_new_tokens=cfg.max_new_tokens)
+        rollouts = sample_rollouts(
+            self.vlm,
+            item.inputs,
+            cfg.rollouts,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=seed,
+        )
+        return self._prediction(item.question, text, [item.question.extract(t) for t in rollouts.texts])
+
+    @staticmethod
+    def _prediction(question: Question, greedy: str, sampled: list[str | None]) -> Prediction:
+        return Prediction(
+            answer=question.extract(greedy),
+            distribution=answer_distribution(sampled),
+            majority=majority_answer(sampled),
+            text=greedy,
+        )
+
+    # ------------------------------------------------------------------ one GRPO step
+
+    def sample(self, item: PreparedItem, seed: int) -> tuple[Rollouts, list[str | None]]:
+        cfg = self.config
+        rollouts = sample_rollouts(
+            self.vlm,
+            item.inputs,
+            cfg.rollouts,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=seed,
+        )
+        return rollouts, [item.question.extract(t) for t in rollouts.texts]
+
+    def update(self, groups: list[tuple[Rollouts, list[str | None]]]) -> tuple[float | None, float, list[float]]:
+        """One GRPO update on the sampled groups. Returns (loss or None if skipped, mean reward, entropies)."""
+        cfg = self.config
+        answers = [a for _, a in groups]
+        total_tokens = sum(float(r.completion_mask.sum()) for r, _ in groups)
+        loss_value = None
+        for inner in range(cfg.inner_updates):
+            self.vlm.model.train()
+            scored = [
+                completion_logprobs(self.vlm, r, temperature=cfg.temperature, backend=cfg.backend) for r, _ in groups
+            ]
+            if inner == 0:
+                old = [logp.detach() for logp, _ in scored]
+                token_entropy = torch.stack(
+                    [_mean_over_tokens(ent.detach(), r.completion_mask) for (_, ent), (r, _) in zip(scored, groups)]
+                )
+                rewards = compute_rewards(
+                    answers,
+                    reward=cfg.reward,
+                    alpha=cfg.alpha,
+                    entropy_signal=cfg.entropy_signal,
+                    token_entropy=token_entropy,
+                    baseline=cfg.baseline,
+                    backend=cfg.backend,
+                )
+                if not bool((rewards.advantages.abs() > 0).any()) or total_tokens == 0:
+                    self.vlm.model.eval()
+                    return None, float(rewards.rewards.mean()), rewards.answer_entropy.tolist()
+                refs = self._reference_logprobs(groups)
+            loss = 0.0
+            for g, ((logp, _), (rollouts, _)) in enumerate(zip(scored, groups)):
+                group_loss, _ = kernels.grpo_loss(
+                    logp,
+                    old[g],
+                    rewards.advantages[g].to(logp.device),
+                    rollouts.completion_mask,
+                    eps_low=cfg.eps_low,
+                    eps_high=cfg.eps_high,
+                    ref_logp=refs[g],
+                    beta=cfg.beta,
+                    aggregation=cfg.aggregation,
+                    backend=cfg.backend,
+                )
+                loss = loss + group_loss * self._group_weight(rollouts, groups, total_tokens)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.vlm.model.parameters() if p.requires_grad], cfg.max_grad_norm
+                )
+            self.optimizer.step()
+            loss_value = float(loss.detach())
+        self.vlm.model.eval()
+        return loss_value, float(rewards.rewards.mean()), rewards.answer_entropy.tolist()
+
+    def _group_weight(self, rollouts: Rollouts, groups, total_tokens: float) -> float:
+        """Weight of one group's loss so the sum over groups is the batch's token-mean (or sequence-mean)."""
+        if self.config.aggregation == "token-mean":
+            return float(rollouts.completion_mask.sum()) / total_tokens
+        sequences = [float((r.completion_mask.sum(-1) > 0).sum()) for r, _ in groups]
+        return float((rollouts.completion_mask.sum(-1) > 0).sum()) / max(sum(sequences), 1.0)
+
+    def _reference_logprobs(self, groups) -> list[torch.Tensor | None]:
+        """Log-probs under the adapter-disabled model (the KL reference), only when beta > 0."""
+        if self.config.beta == 0:
+            return [None] * len(groups)
+        with torch.no_grad(), self.vlm.model.disable_adapter():
+            return [
+                completion_logprobs(self.vlm, r, temperature=self.config.temperature, backend=self.config.backend)[0]
+                for r, _ in groups
+            ]
+
+    def step(self, items: list[PreparedItem], step: int, seed: int) -> StepRecord:
+        """Sample every item's rollouts, then one update on all of them."""
+        start = time.perf_counter()
+        groups = [self.sample(item, item_seed(seed, i)) for i, item in enumerate(items)]
+        consensus = sum(consensus_of(a) for _, a in groups) / len(groups)
+        loss, mean_reward, entropies = self.update(groups)
+        return StepRecord(
+            step=step,
+            mean_reward=mean_reward,
+            consensus=consensus,
+            loss=loss,
+            seconds=time.perf_counter() - start,
+            updated=loss is not None,
+            answer_entropy=sum(entropies) / len(entropies),
+        )
+
+    # ------------------------------------------------------------------ the two modes
+
+    def adapt_episode(
+        self, item: PreparedItem, index: int = 0, progress: Progress | None = None, save_dir: Path | None = None
+    ) -> ItemResult:
+        """Episodic TTRV on one input: up to K steps, early stop on consensus; reset afterwards unless ``keep``.
+
+        ``save_dir``: save the adapted LoRA weights there (safetensors) before the reset.
+        """
+        cfg = self.config
+        greedy_before = greedy_text(self.vlm, item.inputs, max_new_tokens=cfg.max_new_tokens)
+        result = None
+        steps: list[StepRecord] = []
+        for k in range(cfg.steps):
+            start = time.perf_counter()
+            rollouts, answers = self.sample(item, item_seed(cfg.seed, 1, index, k))
+            if result is None:
+                result = ItemResult(
+                    item.label,
+                    item.question.text,
+                    _choices(item.question),
+                    before=self._prediction(item.question, greedy_before, answers),
+                )
+            consensus = consensus_of(answers)
+            if consensus >= cfg.consensus:
+                steps.append(StepRecord(k, None, consensus, None, time.perf_counter() - start, False, 0.0))
+                if progress:
+                    progress(cfg.steps - k)
+                break
+            loss, mean_reward, entropies = self.update([(rollouts, answers)])
+            steps.append(
+                StepRecord(k, mean_reward, consensus, loss, time.perf_counter() - start, loss is not None, entropies[0])
+            )
+            if progress:
+                progress(1)
+        result.steps = steps
+        updated = any(s.updated for s in steps)
+        result.after = self.predict(item, item_seed(cfg.seed, 2, index)) if updated else result.before
+        if progress:
+            progress(1)
+        if save_dir is not None:
+            self.save(save_dir)
+        if not cfg.keep:
+            self.reset()
+        return result
+
+    def save(self, directory: Path) -> Path:
+        """Save the current LoRA weights and adapter config to ``directory`` (safetensors)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.vlm.model.save_pretrained(directory, safe_serialization=True)
+        return directory
+
+    def adapt_transductive(self, items: list[PreparedItem], progress: Progress | None = None) -> list[ItemResult]:
+        """Transductive TTRV: answer every input, E epochs of updates over the set, answer every input again."""
+        cfg = self.config
+        results = []
+        for i, item in enumerate(items):
+            results.append(
+                ItemResult(
+                    item.label,
+                    item.question.text,
+                    _choices(item.question),
+                    before=self.predict(item, item_seed(cfg.seed, 0, i)),
+                )
+            )
+            if progress:
+                progress(1)
+        order_rng = torch.Generator().manual_seed(cfg.seed)
+        step = 0
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(items), generator=order_rng).tolist()
+            for b in range(0, len(order), cfg.batch_size):
+                batch = order[b : b + cfg.batch_size]
+                record = self.step([items[i] for i in batch], step, item_seed(cfg.seed, 3, epoch, b))
+                for i in batch:
+                    results[i].steps.append(record)
+                step += 1
+                if progress:
+                    progress(len(batch))
+        for i, item in enumerate(items):
+            results[i].after = self.predict(item, item_seed(cfg.seed, 2, i))
+            if progress:
+                progress(1)
+        return results
+
+    def work_units(self, mode: str, num_items: int) -> int:
+        """Units of ``progress`` a run will report, for sizing a progress bar."""
+        if mode == "episodic":
+            return num_items * (self.config.steps + 1)
+        return num_items * (2 + self.config.epochs)
+
+
+def _mean_over_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def _choices(question: Question) -> list[str] | None:
+    return list(question.choices) if question.choices is not None else None

@@ -1,0 +1,112 @@
+"""The Python API for apps: load a VLM once, adapt it to many images.
+
+    from ttrv_edge import TTRVAdapter
+    adapter = TTRVAdapter.from_pretrained("tiny", rollouts=8, steps=3)
+    result = adapter.adapt("photo.jpg", "What animal is this?", choices=["cat", "dog", "bird", "fish"])
+    print(result.after.answer, result.to_dict())
+
+Images may be paths, PIL images or numpy arrays. Episodic ``adapt`` resets the LoRA weights afterwards unless the
+config says ``keep=True``; ``reset()`` restores the weights the adapter was loaded with at any time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .adapt import Adapter, ItemResult, Prediction, PreparedItem, item_seed
+from .answers import DEFAULT_QUESTION, Question
+from .config import TTRVConfig
+from .images import Item, load_image
+from .models import LoadedVLM, load_vlm
+
+
+def make_question(
+    question: str | None = None,
+    choices: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    numeric: bool = False,
+) -> Question:
+    return Question(
+        text=question or DEFAULT_QUESTION,
+        choices=tuple(choices) if choices is not None else None,
+        labels=tuple(labels) if labels is not None else None,
+        numeric=numeric,
+    )
+
+
+def describe_image(image) -> str:
+    """How an image appears in results: its path, or its kind and size for in-memory images."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    shape = getattr(image, "shape", None) or getattr(image, "size", None)
+    return f"<{type(image).__name__} {tuple(shape) if shape is not None else ''}>"
+
+
+class TTRVAdapter:
+    """Test-time adaptation of one loaded VLM; see the module docstring for an example."""
+
+    def __init__(self, vlm: LoadedVLM, config: TTRVConfig | None = None):
+        self.vlm = vlm
+        self.config = config or TTRVConfig()
+        self._engine = Adapter(vlm, self.config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = "tiny",
+        config: TTRVConfig | None = None,
+        *,
+        adapter: str | None = None,
+        trust_remote_code: bool = False,
+        device: str | None = None,
+        **options,
+    ) -> TTRVAdapter:
+        """Load ``model`` (local dir, hub id, or "tiny") with a fresh LoRA (or the saved ``adapter``).
+
+        ``options`` are TTRVConfig fields (``rollouts=16``, ``lr=1e-4`` ...) applied on top of ``config``.
+        """
+        config = dataclasses.replace(config or TTRVConfig(), **options)
+        vlm = load_vlm(
+            model,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.effective_lora_alpha,
+            trust_remote_code=trust_remote_code,
+            device=device,
+            adapter=adapter,
+        )
+        return cls(vlm, config)
+
+    def _prepare(self, image, question: Question, label: str | None = None) -> PreparedItem:
+        return self._engine.prepare(label or describe_image(image), load_image(image), question)
+
+    def adapt(
+        self, image, question: str | None = None, choices=None, labels=None, numeric=False, progress=None
+    ) -> ItemResult:
+        """Episodic TTRV on one image; returns answers before and after, and the steps taken."""
+        item = self._prepare(image, make_question(question, choices, labels, numeric))
+        return self._engine.adapt_episode(item, progress=progress)
+
+    def adapt_dataset(self, items: Iterable[Item], progress=None) -> list[ItemResult]:
+        """Transductive TTRV over ``items`` (E epochs), then every item answered by the adapted model."""
+        prepared = [self._prepare(item.image, item.question, item.image) for item in items]
+        if not prepared:
+            raise ValueError("adapt_dataset needs at least one item")
+        return self._engine.adapt_transductive(prepared, progress=progress)
+
+    def answer(self, image, question: str | None = None, choices=None, labels=None, numeric=False) -> Prediction:
+        """Answer with the current adapter, no adaptation."""
+        item = self._prepare(image, make_question(question, choices, labels, numeric))
+        return self._engine.predict(item, item_seed(self.config.seed, 4))
+
+    def reset(self) -> None:
+        """Restore the LoRA weights this adapter was loaded with."""
+        self._engine.reset()
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Save the current LoRA weights (safetensors) and adapter config to ``directory``."""
+        return self._engine.save(Path(directory))
+
+    def work_units(self, mode: str, num_items: int) -> int:
+        return self._engine.work_units(mode, num_items)

@@ -1,0 +1,212 @@
+"""The ``ttrv-edge`` command line.
+
+Errors a user can fix (a bad option value, an unreadable image, a missing model) are printed as one line,
+``error: ...``, on stderr with exit code 2 and no traceback. With ``--json`` stdout carries exactly one JSON
+document; progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .answers import DEFAULT_QUESTION, Question, parse_options
+from .config import TTRVConfig
+
+app = typer.Typer(
+    name="ttrv-edge",
+    help="Test-time reinforcement learning (TTRV) for small vision-language models: adapt a VLM to unlabeled "
+    "images with LoRA, on a laptop CPU or one small GPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stderr = Console(stderr=True)
+EXIT_USAGE = 2
+
+
+def _option(name: str) -> str:
+    return TTRVConfig.help_text(name)
+
+
+@app.callback()
+def _root() -> None:
+    """ttrv-edge: label-free test-time adaptation of VLMs."""
+
+
+@app.command()
+def adapt(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="An image file (episodic mode), a folder of images or a JSONL file of "
+            '{"image", "question", "choices"} lines (transductive mode).'
+        ),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Local model folder or hub id; 'tiny' builds a tiny random VLM "
+            "offline (a smoke test, its answers are noise)."
+        ),
+    ] = "tiny",
+    question: Annotated[str, typer.Option(help="The question asked about every image.")] = DEFAULT_QUESTION,
+    choices: Annotated[
+        str | None, typer.Option(help="Comma-separated answer options; answers are their letters (A, B, ...).")
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="A text file of class labels, one per line; the answer is one "
+            "of them (the paper's recognition setting)."
+        ),
+    ] = None,
+    numeric: Annotated[bool, typer.Option(help="The answer is a number.")] = False,
+    rollouts: Annotated[int, typer.Option(help=_option("rollouts"))] = 8,
+    steps: Annotated[int, typer.Option(help=_option("steps"))] = 3,
+    epochs: Annotated[int, typer.Option(help=_option("epochs"))] = 2,
+    lr: Annotated[float, typer.Option(help=_option("lr"))] = 5e-4,
+    lora_rank: Annotated[int, typer.Option(help=_option("lora_rank"))] = 8,
+    temperature: Annotated[float, typer.Option(help=_option("temperature"))] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help=_option("max_new_tokens"))] = 16,
+    alpha: Annotated[float, typer.Option(help=_option("alpha"))] = 0.75,
+    reward: Annotated[str, typer.Option(help=_option("reward"))] = "ttrv",
+    beta: Annotated[float, typer.Option(help=_option("beta"))] = 0.0,
+    backend: Annotated[str, typer.Option(help=_option("backend"))] = "auto",
+    seed: Annotated[int, typer.Option(help=_option("seed"))] = 0,
+    adapter: Annotated[Path | None, typer.Option(help="Start from this saved LoRA adapter folder.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder where the adapted LoRA adapter is saved (safetensors).")] = Path(
+        "ttrv-out"
+    ),
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow the model folder's own Python code to run. Only for models you trust.")
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Adapt a VLM to IMAGE (episodic) or to a folder / JSONL of images (transductive), then answer."""
+    started = time.perf_counter()
+    config = TTRVConfig(
+        rollouts=rollouts,
+        steps=steps,
+        epochs=epochs,
+        lr=lr,
+        lora_rank=lora_rank,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        alpha=alpha,
+        reward=reward,
+        beta=beta,
+        backend=backend,
+        seed=seed,
+    )
+    default_question = Question(
+        text=question, choices=parse_options(choices, "--choices"), labels=_read_labels(labels), numeric=numeric
+    )
+
+    from .api import TTRVAdapter
+    from .images import collect_items
+
+    mode, items = collect_items(source, default_question)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a folder")
+    with stderr.status(f"loading {model}", spinner="dots"):
+        adapter_api = TTRVAdapter.from_pretrained(
+            model, config, adapter=str(adapter) if adapter else None, trust_remote_code=trust_remote_code
+        )
+    with _progress() as bar:
+        task = bar.add_task(f"TTRV {mode}", total=adapter_api.work_units(mode, len(items)))
+        advance = lambda n: bar.advance(task, n)  # noqa: E731
+        if mode == "episodic":
+            item = adapter_api._prepare(items[0].image, items[0].question, items[0].image)
+            results = [adapter_api._engine.adapt_episode(item, progress=advance, save_dir=out)]
+        else:
+            results = adapter_api.adapt_dataset(items, progress=advance)
+            adapter_api.save_adapter(out)
+    report = {
+        "model": model,
+        "mode": mode,
+        "items": [r.to_dict() for r in results],
+        "adapter_dir": str(out),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if json_output:
+        sys.stdout.write(json.dumps(report) + "\n")
+    else:
+        _print_table(report)
+
+
+def _read_labels(path: Path | None) -> tuple[str, ...] | None:
+    if path is None:
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--labels: cannot read {path} ({error.__class__.__name__})") from None
+    return tuple(line.strip() for line in lines if line.strip())
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+    )
+
+
+def _print_table(report: dict) -> None:
+    table = Table(title=f"ttrv-edge {report['mode']} adaptation ({report['seconds']:.1f} s)")
+    for column in ("image", "before", "after", "steps", "mean reward"):
+        table.add_column(column)
+    for item in report["items"]:
+        rewards = [s["mean_reward"] for s in item["steps"] if s["mean_reward"] is not None]
+        table.add_row(
+            item["image"],
+            _describe(item["before"]),
+            _describe(item["after"]),
+            str(sum(s["updated"] for s in item["steps"])),
+            f"{sum(rewards) / len(rewards):.3f}" if rewards else "-",
+        )
+    Console().print(table)
+    stderr.print(f"adapter saved to {report['adapter_dir']}")
+
+
+def _describe(prediction: dict) -> str:
+    top = next(iter(prediction["distribution"].items()), ("-", 0.0))
+    return f"{prediction['answer']}  (samples: {top[0]} {top[1]:.0%})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: runs the app and turns user errors into one line on stderr."""
+    logging.basicConfig(level=os.environ.get("TTRV_EDGE_LOG", "WARNING"), stream=sys.stderr)
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.exceptions.Abort:
+        stderr.print("aborted")
+        return 130
+    except click.ClickException as error:
+        stderr.print(f"error: {error.format_message()}", markup=False, highlight=False)
+        return EXIT_USAGE
+    except ValueError as error:
+        stderr.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())

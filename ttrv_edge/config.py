@@ -1,0 +1,99 @@
+"""One dataclass of TTRV options, validated on construction.
+
+Defaults follow the paper where it fits a laptop: the paper samples N=32 rollouts at T=1.0 and uses 16 for the
+update; on the edge we sample and train on the same N=8 by default (the CLI's ``--rollouts``), since every
+rollout costs a forward on a small device. alpha=0.75 is the reference implementation's entropy-reward weight.
+One policy update per sampling round (GRPO with mu=1), so ``old_logp`` is the detached current log-prob and the
+ratio is 1 at the update: clipping only matters when a caller runs several inner updates (``inner_updates``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+REWARDS = ("ttrv", "majority")
+ENTROPY_SIGNALS = ("answer", "self-certainty")
+AGGREGATIONS = ("token-mean", "sequence-mean")
+BASELINES = ("group", "batch")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _help(text: str, default, **kwargs):
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TTRVConfig:
+    """Options of a TTRV run. Every field is validated in ``__post_init__``; errors name the option."""
+
+    rollouts: int = _help("N: answers sampled per input and step", 8)
+    steps: int = _help("K: episodic mode, at most this many update steps per input", 3)
+    epochs: int = _help("E: transductive mode, passes over the whole set", 2)
+    batch_size: int = _help("transductive mode: inputs per update step", 1)
+    lr: float = _help("learning rate of the LoRA weights (AdamW)", 5e-4)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    max_grad_norm: float = _help("gradient clipping norm (0 disables)", 1.0)
+    lora_rank: int = _help("LoRA rank r", 8)
+    lora_alpha: int | None = _help("LoRA alpha (default 2 * rank)", None)
+    temperature: float = _help("sampling temperature of the rollouts (paper: 1.0; 1.5 for Qwen models)", 1.0)
+    max_new_tokens: int = _help("longest rollout, in tokens", 16)
+    alpha: float = _help("weight of the entropy reward (paper's reference implementation: 0.75)", 0.75)
+    reward: str = _help("'ttrv' (frequency + entropy) or 'majority' (TTRL's 0/1 majority reward)", "ttrv")
+    entropy_signal: str = _help(
+        "'answer': the paper's -H(p)/log K, equal for all rollouts of an input; 'self-certainty': minus the "
+        "rollout's mean token entropy, which does not cancel under group normalisation",
+        "answer",
+    )
+    baseline: str = _help("advantage normalisation over each input's 'group' or over the whole 'batch'", "group")
+    eps_low: float = _help("lower clip range of the GRPO ratio", 0.2)
+    eps_high: float = _help("upper clip range of the GRPO ratio", 0.2)
+    beta: float = _help("weight of the k3 KL to the adapter-disabled model (0 = no KL, no reference pass)", 0.0)
+    aggregation: str = _help("loss aggregation: 'token-mean' or 'sequence-mean'", "token-mean")
+    inner_updates: int = _help("policy updates per sampling round (GRPO's mu)", 1)
+    consensus: float = _help("episodic early stop when this fraction of rollouts agree (1.0 = all)", 1.0)
+    seed: int = _help("random seed: the same seed and inputs give the same run", 0)
+    backend: str = _help("kernel backend: 'auto' (triton on CUDA, torch elsewhere), 'triton' or 'torch'", "auto")
+    keep: bool = _help("episodic mode: keep the adapter after an input instead of resetting it", False)
+
+    def __post_init__(self) -> None:
+        positive_ints = ("rollouts", "steps", "epochs", "batch_size", "lora_rank", "max_new_tokens", "inner_updates")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"--lora-alpha must be positive, got {self.lora_alpha!r}")
+        for name in ("lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "max_grad_norm", "alpha", "beta", "eps_low", "eps_high"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 < self.consensus <= 1.0:
+            raise ValueError(f"--consensus must be in (0, 1], got {self.consensus!r}")
+        if self.eps_low >= 1.0:
+            raise ValueError(f"--eps-low must be < 1, got {self.eps_low!r}")
+        for name, allowed in (
+            ("reward", REWARDS),
+            ("entropy_signal", ENTROPY_SIGNALS),
+            ("baseline", BASELINES),
+            ("aggregation", AGGREGATIONS),
+            ("backend", BACKENDS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def help_text(cls, name: str) -> str:
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
