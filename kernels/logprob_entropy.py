@@ -1,0 +1,231 @@
+"""Fused log-prob + entropy of softmax(logits / T) in one streaming pass over the vocabulary (Triton).
+
+Forward: one program per row reads the row once, block by block, and keeps three fp32 scalars: the running max m,
+the running sum s = sum exp(z - m) and t = sum exp(z - m) * (z - m), with z = logits / T. When m grows both sums
+are rescaled (t also shifts by (m_old - m_new) * s). At the end lse = m + log s, entropy = log s - t / s and
+logp = z[target] - lse. Keeping t relative to the running max (instead of sum p * z) avoids cancelling two numbers of
+size |z| when the logits are large (+-1e4). -inf logits (masked vocabulary) contribute 0 to every sum.
+
+Backward: recomputes p from the logits and the saved lse (O(N) floats are saved, never an [N, V] softmax) and
+writes, per element, dz_j = g_logp * (1[j = target] - p_j) - g_ent * p_j * (log p_j + H), divided by T. The
+gradient may be written in place over the logits (``backward_into``), which the fused lm_head op uses.
+
+Deviations from the reference: none in semantics. Targets must lie in [0, V) (not checked on the GPU, which would
+cost a host sync); a row whose logits are all -inf gives NaN in both backends.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import triton_usable
+
+INTERPRET_BLOCK_V = 16384
+"""Largest vocabulary block under TRITON_INTERPRET=1: the interpreter is vectorised by numpy, so big is fast."""
+
+CUDA_BLOCK_V = 4096
+CUDA_NUM_WARPS = 8
+
+
+@triton.jit
+def _logprob_entropy_fwd_kernel(
+    logits_ptr,
+    stride_row,
+    targets_ptr,
+    logp_ptr,
+    entropy_ptr,
+    lse_ptr,
+    V,
+    inv_temp,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    t = tl.zeros([], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # While every logit seen is -inf, measure from 0 so no -inf - -inf appears.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        t = alpha * (t + tl.where(s > 0, m - m_ref, 0.0) * s)
+        s = alpha * s
+        d = z - m_ref
+        e = tl.exp(d)
+        t += tl.sum(e * tl.where(e > 0, d, 0.0), axis=0)
+        s += tl.sum(e, axis=0)
+        m = m_new
+    log_s = tl.log(s)
+    lse = m + log_s
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    z_target = tl.load(row_ptr + target).to(tl.float32) * inv_temp
+    tl.store(logp_ptr + row, z_target - lse)
+    tl.store(entropy_ptr + row, log_s - t / s)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _logprob_entropy_bwd_kernel(
+    logits_ptr,
+    stride_row,
+    dlogits_ptr,
+    stride_drow,
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    V,
+    inv_temp,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    drow_ptr = dlogits_ptr + row * stride_drow
+    lse = tl.load(lse_ptr + row)
+    entropy = tl.load(entropy_ptr + row)
+    g_logp = tl.load(grad_logp_ptr + row)
+    g_ent = tl.load(grad_entropy_ptr + row)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temp
+        log_p = z - lse
+        p = tl.exp(log_p)
+        dz = -g_logp * p - g_ent * p * tl.where(p > 0, log_p + entropy, 0.0)
+        dz = tl.where(cols == target, dz + g_logp, dz)
+        tl.store(drow_ptr + cols, (dz * inv_temp).to(dlogits_ptr.dtype.element_ty), mask=in_row)
+
+
+def _launch_config(logits: torch.Tensor, block_v: int | None):
+    V = logits.shape[-1]
+    if block_v is None:
+        block_v = CUDA_BLOCK_V if logits.is_cuda else INTERPRET_BLOCK_V
+        block_v = min(block_v, triton.next_power_of_2(max(V, 16)))
+    if block_v < 16 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    num_warps = CUDA_NUM_WARPS if logits.is_cuda else 1
+    return block_v, num_warps
+
+
+def check_inputs(rows: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+    """ValueErrors for the checks shared by both fused ops; ``rows`` is the 2-D logits (or hidden) tensor."""
+    if rows.dim() != 2:
+        raise ValueError(f"expected a 2-D [N, V] (or [N, H]) tensor, got shape {tuple(rows.shape)}")
+    if targets.shape != rows.shape[:1]:
+        raise ValueError(f"targets must be [N] = {tuple(rows.shape[:1])}, got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if targets.device != rows.device:
+        raise ValueError(f"targets are on {targets.device} but the inputs on {rows.device}")
+    if not triton_usable(rows):
+        raise ValueError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def forward_into(logits, targets, temperature, logp, entropy, lse, block_v=None) -> None:
+    """Run the forward kernel on 2-D ``logits`` (unit column stride) writing fp32 [N] ``logp``/``entropy``/``lse``."""
+    N, V = logits.shape
+    if N == 0:
+        return
+    block, warps = _launch_config(logits, block_v)
+    _logprob_entropy_fwd_kernel[(N,)](
+        logits, logits.stride(0), targets, logp, entropy, lse, V, 1.0 / temperature, BLOCK_V=block, num_warps=warps
+    )
+
+
+def backward_into(logits, targets, temperature, lse, entropy, grad_logp, grad_entropy, dlogits, block_v=None):
+    """Write d(loss)/d(logits) into ``dlogits`` (may be ``logits`` itself: each element is read before written)."""
+    N, V = logits.shape
+    if N == 0:
+        return
+    block, warps = _launch_config(logits, block_v)
+    _logprob_entropy_bwd_kernel[(N,)](
+        logits,
+        logits.stride(0),
+        dlogits,
+        dlogits.stride(0),
+        targets,
+        lse,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        V,
+        1.0 / temperature,
+        BLOCK_V=block,
+        num_warps=warps,
+    )
+
+
+def grad_or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Upstream gradient as a contiguous fp32 tensor (zeros when that output was unused)."""
+    if grad is None:
+        return torch.zeros_like(like)
+    return grad.float().contiguous()
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _LogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, block_v):
+        logits = _unit_stride(logits)
+        targets = targets.contiguous()
+        N = logits.shape[0]
+        logp = torch.empty(N, dtype=torch.float32, device=logits.device)
+        entropy = torch.empty_like(logp)
+        lse = torch.empty_like(logp)
+        forward_into(logits, targets, temperature, logp, entropy, lse, block_v)
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.temperature, ctx.block_v = temperature, block_v
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        backward_into(
+            logits,
+            targets,
+            ctx.temperature,
+            lse,
+            entropy,
+            grad_or_zeros(grad_logp, lse),
+            grad_or_zeros(grad_entropy, lse),
+            dlogits,
+            ctx.block_v,
+        )
+        return dlogits, None, None, None
+
+
+def triton_logprob_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, block_v: int | None = None
+):
+    """Log-prob of ``targets`` and entropy of softmax(logits / temperature), per row, fused (Triton).
+
+    Args:
+        logits: [N, V] (or [..., V]) bf16/fp16/fp32, CUDA (or CPU under TRITON_INTERPRET=1); -inf entries allowed.
+        targets: [N] (or [...]) integer ids in [0, V).
+        temperature: > 0; logits are divided by it before the softmax.
+        block_v: vocabulary block of the kernel (power of two); None picks one for the device.
+
+    Returns:
+        (logp, entropy), fp32 of shape [N] (or [...]); differentiable w.r.t. ``logits``.
+    """
+    lead = logits.shape[:-1]
+    if logits.dim() < 2 or targets.shape != lead:
+        raise ValueError(f"targets must have shape {tuple(lead)} for logits {tuple(logits.shape)}, got {tuple(targets.shape)}")
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    check_inputs(flat, flat_targets, temperature)
+    logp, entropy = _LogprobEntropy.apply(flat, flat_targets, float(temperature), block_v)
+    return logp.reshape(lead), entropy.reshape(lead)
