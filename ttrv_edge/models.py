@@ -42,6 +42,7 @@ __all__ = [
     "lm_head",
     "lora_state",
     "resolve_model_path",
+    "sequence_inputs",
 ]
 
 LORA_TARGET_REGEX = (
@@ -101,6 +102,13 @@ class LoadedVLM:
         return ids
 
     @property
+    def suppress_token_ids(self) -> list[int]:
+        """Token ids a completion must never contain: image/video placeholders and markers (a sampled placeholder
+        breaks the next forward: "image features and image tokens do not match"), and the pad token unless it is
+        an EOS. ``load_vlm`` puts them in ``generation_config.suppress_tokens``; a custom sampler must mask them."""
+        return _suppress_ids(_base(self.model).config, self.processor, self.tokenizer, self.eos_token_ids)
+
+    @property
     def pad_token_id(self) -> int:
         """The padding id (the tokenizer's pad token, else the first EOS id)."""
         pad = self.tokenizer.pad_token_id
@@ -113,6 +121,39 @@ class LoadedVLM:
     @property
     def dtype(self) -> torch.dtype:
         return lm_head(self.model).weight.dtype
+
+
+PLACEHOLDER_ATTRS = (
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "video_token_index",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "fake_image_token_id",
+    "global_image_token_id",
+    "boi_token_id",
+    "eoi_token_id",
+)
+
+
+def _suppress_ids(config, processor, tokenizer, eos_ids: list[int]) -> list[int]:
+    found: list[int] = []
+    for source in (config, processor):
+        for attr in PLACEHOLDER_ATTRS:
+            found.append(getattr(source, attr, None))
+    found.extend(getattr(processor, "row_col_ids", None) or [])
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in eos_ids:
+        found.append(tokenizer.pad_token_id)
+    vocab = _text_vocab_size(config, tokenizer)
+    unk = tokenizer.unk_token_id
+    ids = {int(i) for i in found if isinstance(i, int) and 0 <= i < vocab and i not in eos_ids and i != unk}
+    return sorted(ids)
+
+
+def _text_vocab_size(config, tokenizer) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "vocab_size", None) or len(tokenizer))
 
 
 def _base(model):
@@ -159,6 +200,27 @@ def backbone_hidden_states(model, **inputs) -> torch.Tensor:
     inputs.pop("logits_to_keep", None)
     out = inner(**inputs, use_cache=False, return_dict=True)
     return out.last_hidden_state
+
+
+def sequence_inputs(prompt_inputs, sequences: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+    """Forward inputs for ``sequences`` [B, P + T] = one prompt (batch 1, from ``prompt_inputs``) + B completions.
+
+    Image tensors are repeated B times along dim 0 (this holds for Idefics3's [1, n, C, H, W] pixels and for
+    Qwen2-VL's [patches, D] pixels with [n, 3] grids), ``mm_token_type_ids`` is extended with zeros. The image is
+    re-encoded per row; the frozen vision tower makes that wasteful but exact.
+    """
+    batch = sequences.shape[0]
+    out = {"input_ids": sequences}
+    out["attention_mask"] = torch.ones_like(sequences) if attention_mask is None else attention_mask
+    for key, value in prompt_inputs.items():
+        if key in ("input_ids", "attention_mask") or not torch.is_tensor(value):
+            continue
+        if key == "mm_token_type_ids":
+            pad = value.new_zeros(value.shape[0], sequences.shape[1] - value.shape[1])
+            out[key] = torch.cat([value, pad], dim=1).repeat(batch // value.shape[0], 1)
+        else:
+            out[key] = value.repeat(batch, *([1] * (value.dim() - 1)))
+    return out
 
 
 def _mm_token_types(model, input_ids: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:
@@ -353,6 +415,11 @@ def load_vlm(
         base.generation_config.pad_token_id = tokenizer.pad_token_id
     for p in base.parameters():
         p.requires_grad_(False)
+    eos = LoadedVLM(base, processor, tokenizer, name_or_path).eos_token_ids
+    suppress = set(base.generation_config.suppress_tokens or []) | set(
+        _suppress_ids(base.config, processor, tokenizer, eos)
+    )
+    base.generation_config.suppress_tokens = sorted(suppress) or None
     model = _attach_lora(base, lora_rank, lora_alpha, lora_dropout, adapter)
     _check_lora_placement(model)
     for name, p in model.named_parameters():
