@@ -12,10 +12,10 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -174,7 +174,7 @@ def _print_table(report: dict) -> None:
     for item in report["items"]:
         rewards = [s["mean_reward"] for s in item["steps"] if s["mean_reward"] is not None]
         table.add_row(
-            item["image"],
+            Path(item["image"]).name,
             _describe(item["before"]),
             _describe(item["after"]),
             str(sum(s["updated"] for s in item["steps"])),
@@ -189,23 +189,38 @@ def _describe(prediction: dict) -> str:
     return f"{prediction['answer']}  (samples: {top[0]} {top[1]:.0%})"
 
 
+def _quiet_libraries() -> None:
+    """Keep stderr for our own progress and errors: no weight-loading bars or deprecation chatter from libraries."""
+    level = os.environ.get("TTRV_EDGE_LOG", "ERROR").upper()
+    logging.basicConfig(level=level, stream=sys.stderr)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", level.lower())
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity(getattr(logging, level, logging.ERROR))
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the app and turns user errors into one line on stderr."""
-    logging.basicConfig(level=os.environ.get("TTRV_EDGE_LOG", "WARNING"), stream=sys.stderr)
+    _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as done:
+        code = app(args=argv, standalone_mode=False)
+    except typer.Exit as done:
         return done.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         stderr.print("aborted")
         return 130
-    except click.ClickException as error:
-        stderr.print(f"error: {error.format_message()}", markup=False, highlight=False)
+    except typer.TyperException as error:  # usage errors: unknown option, a value of the wrong type
+        message = error.format_message() if hasattr(error, "format_message") else str(error)
+        stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except ValueError as error:
         stderr.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def entry_point() -> None:

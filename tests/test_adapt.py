@@ -1,0 +1,162 @@
+"""The adaptation loop on a tiny random VLM: what trains, what resets, what is reproducible."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from ttrv_edge import kernels
+from ttrv_edge.adapt import Adapter, consensus_of
+from ttrv_edge.answers import Question
+from ttrv_edge.api import TTRVAdapter
+from ttrv_edge.config import TTRVConfig
+from ttrv_edge.images import Item
+from ttrv_edge.models import backbone_hidden_states, lm_head
+from ttrv_edge.rollout import completion_logprobs, completion_mask, repeat_batch, sample_rollouts
+
+
+@dataclass(frozen=True)
+class ParityQuestion(Question):
+    """Reads every rollout as an answer ("even"/"odd" text length), so a random model's groups carry signal."""
+
+    def extract(self, text: str) -> str | None:
+        return "even" if len(text) % 2 == 0 else "odd"
+
+
+CONFIG = dict(rollouts=6, steps=2, max_new_tokens=6, lr=5e-2, seed=3)
+
+
+@pytest.fixture
+def adapter(tiny_idefics3_dir):
+    return TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), **CONFIG)
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _logits(vlm, inputs):
+    with torch.no_grad():
+        return vlm.model(**inputs).logits
+
+
+def test_completion_mask_keeps_tokens_up_to_first_eos():
+    ids = torch.tensor([[5, 9, 2, 2], [9, 5, 5, 5], [2, 5, 9, 2]])
+    assert completion_mask(ids, [9]).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]]
+
+
+def test_completion_logprobs_equal_log_softmax_of_full_logits(adapter, test_image):
+    vlm = adapter.vlm
+    inputs = vlm.prompt_inputs(test_image, "What is it?")
+    rollouts = sample_rollouts(vlm, inputs, 3, temperature=1.3, max_new_tokens=5, seed=0)
+    logp, entropy = completion_logprobs(vlm, rollouts, temperature=1.3, backend="torch")
+    batch = repeat_batch(inputs, 3)
+    batch["input_ids"] = torch.cat([batch["input_ids"], rollouts.completion_ids], 1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], rollouts.completion_mask.long()], 1)
+    with torch.no_grad():
+        hidden = backbone_hidden_states(vlm.model, **batch)
+        logits = lm_head(vlm.model)(hidden)[:, rollouts.prompt_length - 1 : -1]
+    ref_logp, ref_entropy = kernels.logprob_entropy(
+        logits.reshape(-1, logits.shape[-1]), rollouts.completion_ids.reshape(-1), 1.3, backend="torch"
+    )
+    mask = rollouts.completion_mask
+    torch.testing.assert_close(logp, ref_logp.view_as(mask) * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy.view_as(mask) * mask, atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_changes_only_lora_weights(adapter, test_image):
+    engine = adapter._engine
+    item = engine.prepare("img", test_image, ParityQuestion("Describe it."))
+    before = _params(adapter.vlm.model)
+    record = engine.step([item], step=0, seed=1)
+    assert record.updated and record.loss is not None
+    after = _params(adapter.vlm.model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "the update changed nothing"
+    assert all("lora_" in n for n in changed), f"non-LoRA weights changed: {sorted(changed)[:3]}"
+    untouched = [n for n in before if "lora_" not in n]
+    assert all(torch.equal(before[n], after[n]) for n in untouched)
+
+
+def test_episodic_reset_restores_exact_outputs(adapter, test_image):
+    engine = adapter._engine
+    item = engine.prepare("img", test_image, ParityQuestion("Describe it."))
+    reference = _logits(adapter.vlm, item.inputs)
+    result = engine.adapt_episode(item)
+    assert any(s.updated for s in result.steps)
+    torch.testing.assert_close(_logits(adapter.vlm, item.inputs), reference, rtol=0, atol=0)
+
+
+def test_keep_leaves_the_adapter_changed(tiny_idefics3_dir, test_image):
+    kept = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), keep=True, **CONFIG)
+    item = kept._engine.prepare("img", test_image, ParityQuestion("Describe it."))
+    reference = _logits(kept.vlm, item.inputs)
+    kept._engine.adapt_episode(item)
+    assert not torch.equal(_logits(kept.vlm, item.inputs), reference)
+    kept.reset()
+    torch.testing.assert_close(_logits(kept.vlm, item.inputs), reference, rtol=0, atol=0)
+
+
+def test_same_seed_same_run(tiny_idefics3_dir, test_image):
+    runs = []
+    for _ in range(2):
+        api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), **CONFIG)
+        item = api._engine.prepare("img", test_image, ParityQuestion("Describe it."))
+        result = api._engine.adapt_episode(item)
+        runs.append([(s.mean_reward, s.loss) for s in result.steps] + [result.after.distribution])
+    assert runs[0] == runs[1]
+
+
+def test_consensus_stops_early_without_update(adapter, test_image):
+    class Always(Question):
+        def extract(self, text):
+            return "same"
+
+    item = adapter._engine.prepare("img", test_image, Always("Describe it."))
+    result = adapter._engine.adapt_episode(item)
+    assert len(result.steps) == 1 and not result.steps[0].updated and result.steps[0].consensus == 1.0
+    assert result.after == result.before
+
+
+def test_api_accepts_pil_numpy_and_paths(adapter, test_image, tmp_path):
+    path = tmp_path / "image.png"
+    test_image.save(path)
+    array = np.asarray(test_image)
+    results = [adapter.adapt(src, "Which shape?", choices=["circle", "square"]) for src in (test_image, array, path)]
+    assert results[2].image == str(path)
+    for result in results:
+        assert set(result.before.distribution) <= {"A", "B", "<none>"}
+        assert result.steps and result.after is not None
+
+
+def test_transductive_runs_epochs_over_the_set(tiny_idefics3_dir, test_image, tmp_path):
+    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), rollouts=4, epochs=2, max_new_tokens=4, lr=5e-2)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        test_image.rotate(90 * i).save(paths[-1])
+    items = [Item(str(p), ParityQuestion("Describe it.")) for p in paths]
+    results = api.adapt_dataset(items)
+    assert [r.image for r in results] == [str(p) for p in paths]
+    assert sum(len(r.steps) for r in results) == 2 * 3  # batch size 1: one step per item and epoch
+    assert all(r.after is not None for r in results)
+
+
+def test_beta_adds_kl_to_the_adapter_disabled_model(tiny_idefics3_dir, test_image):
+    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), beta=0.1, **CONFIG)
+    item = api._engine.prepare("img", test_image, ParityQuestion("Describe it."))
+    assert api._engine.step([item], 0, seed=1).updated
+    assert api._engine.step([item], 1, seed=2).loss is not None
+
+
+def test_consensus_of():
+    assert consensus_of(["A", "A", "B", None]) == 0.5
+    assert consensus_of([None, None]) == 0.0
+
+
+def test_adapter_without_trainable_parameters_is_an_error(adapter):
+    for p in adapter.vlm.model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable"):
+        Adapter(adapter.vlm, TTRVConfig())
