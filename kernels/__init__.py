@@ -3,6 +3,11 @@
 Every op takes ``backend``: ``"torch"`` runs the pure-torch reference (``reference.py``), ``"triton"`` the fused
 Triton kernel, ``"auto"`` picks triton for CUDA tensors when a Triton backend is available and torch otherwise.
 All backends take bf16/fp16/fp32 inputs and return fp32 outputs.
+
+The Triton implementations live in ``*_triton.py`` modules, imported lazily on the first Triton call (so CPU runs
+never import triton). They are deliberately not named like the public functions: importing a submodule
+``ttrv_edge.kernels.logprob_entropy`` would rebind the package attribute ``logprob_entropy`` to the module and
+shadow the function below.
 """
 
 from __future__ import annotations
@@ -20,23 +25,35 @@ def logprob_entropy(logits, targets, temperature: float = 1.0, backend: str = "a
     w.r.t. logits.
     """
     if resolve_backend(backend, logits) == "triton":
-        from .logprob_entropy import triton_logprob_entropy
+        from .logprob_entropy_triton import triton_logprob_entropy
 
         return triton_logprob_entropy(logits, targets, temperature)
     return reference.logprob_entropy(logits, targets, temperature)
 
 
-def linear_logprob_entropy(hidden, weight, targets, bias=None, temperature: float = 1.0, backend: str = "auto"):
+def linear_logprob_entropy(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    chunk_rows: int | None = None,
+):
     """``logprob_entropy(hidden @ weight.T + bias)`` without ever holding the [N, V] logits.
 
     hidden [N, H], weight [V, H], bias [V] or None, targets [N] -> (logp [N], entropy [N]) fp32. When
     ``weight`` does not require grad (LoRA never trains lm_head) no weight-gradient buffer is allocated.
+    ``chunk_rows`` rows are turned into logits at once (extra memory ~ chunk_rows x V); None picks a default.
     """
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     if resolve_backend(backend, hidden) == "triton":
-        from .linear_logprob_entropy import triton_linear_logprob_entropy
+        from .linear_logprob_entropy_triton import triton_linear_logprob_entropy
 
-        return triton_linear_logprob_entropy(hidden, weight, targets, bias, temperature)
-    return reference.linear_logprob_entropy(hidden, weight, targets, bias, temperature)
+        return triton_linear_logprob_entropy(hidden, weight, targets, bias, temperature, chunk_rows=chunk_rows)
+    chunk = reference.DEFAULT_ROW_CHUNK if chunk_rows is None else chunk_rows
+    return reference.linear_logprob_entropy(hidden, weight, targets, bias, temperature, chunk_rows=chunk)
 
 
 def grpo_loss(
@@ -53,7 +70,7 @@ def grpo_loss(
 ):
     """Clipped GRPO loss. logp/old_logp/mask/ref_logp [B, T], advantages [B] -> (loss scalar, stats dict)."""
     if resolve_backend(backend, logp) == "triton":
-        from .grpo_loss import triton_grpo_loss
+        from .grpo_loss_triton import triton_grpo_loss
 
         return triton_grpo_loss(logp, old_logp, advantages, mask, eps_low, eps_high, ref_logp, beta, aggregation)
     return reference.grpo_loss(logp, old_logp, advantages, mask, eps_low, eps_high, ref_logp, beta, aggregation)
@@ -62,7 +79,7 @@ def grpo_loss(
 def group_rewards(answer_ids, alpha: float = 0.75, invalid_id: int = -1, backend: str = "auto"):
     """Frequency + entropy rewards. answer_ids [G, N] int -> (rewards [G, N], advantages [G, N], entropy [G])."""
     if resolve_backend(backend, answer_ids) == "triton":
-        from .group_rewards import triton_group_rewards
+        from .group_rewards_triton import triton_group_rewards
 
         return triton_group_rewards(answer_ids, alpha, invalid_id)
     return reference.group_rewards(answer_ids, alpha, invalid_id)

@@ -1,7 +1,8 @@
 """Fused lm_head + log-prob + entropy: ``logprob_entropy(hidden @ weight.T + bias)`` without [N, V] logits.
 
 Rows are processed ``chunk_rows`` at a time. Forward, per chunk: cuBLAS matmul to a [chunk, V] logits buffer, then
-the streaming Triton kernel of ``logprob_entropy`` writes logp, entropy and lse (O(N) floats kept for backward).
+the streaming Triton kernel of ``logprob_entropy`` writes logp, entropy and each row's (max, log-sum-exp), O(N)
+floats kept for backward.
 Backward, per chunk: recompute the chunk's logits, the Triton backward kernel overwrites them in place with
 d(loss)/d(logits), then ``dhidden[chunk] = dlogits @ weight`` (written straight into the output), and only when
 they require grad ``dweight += dlogits.T @ hidden[chunk]`` and ``dbias += dlogits.sum(0)``. Extra memory is one
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .logprob_entropy import backward_into, check_inputs, forward_into, grad_or_zeros
+from .logprob_entropy_triton import backward_into, check_inputs, forward_into, grad_or_zeros
 
 CHUNK_ROWS_MIN = 256
 CHUNK_ROWS_MAX = 4096
@@ -47,22 +48,22 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         N = hidden.shape[0]
         logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logp)
-        lse = torch.empty_like(logp)
+        stats = torch.empty(N, 2, dtype=torch.float32, device=hidden.device)
         for start in range(0, N, chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = _chunk_logits(hidden[rows], weight, bias)
-            forward_into(logits, targets[rows], temperature, logp[rows], entropy[rows], lse[rows], block_v)
+            forward_into(logits, targets[rows], temperature, logp[rows], entropy[rows], stats[rows], block_v)
             del logits
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
         ctx.temperature, ctx.chunk_rows, ctx.block_v = temperature, chunk_rows, block_v
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_logp = grad_or_zeros(grad_logp, lse)
-        grad_entropy = grad_or_zeros(grad_entropy, lse)
+        grad_logp = grad_or_zeros(grad_logp, entropy)
+        grad_entropy = grad_or_zeros(grad_entropy, entropy)
         N, chunk = hidden.shape[0], ctx.chunk_rows
         n_chunks = -(-N // chunk)
         dhidden = torch.empty_like(hidden) if need_hidden else None
@@ -79,7 +80,7 @@ class _LinearLogprobEntropy(torch.autograd.Function):
                 logits,
                 targets[rows],
                 ctx.temperature,
-                lse[rows],
+                stats[rows],
                 entropy[rows],
                 grad_logp[rows],
                 grad_entropy[rows],
@@ -128,7 +129,8 @@ def triton_linear_logprob_entropy(
         grad, to ``weight`` and ``bias``.
     """
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden [..., H] and weight [V, H] do not match: {tuple(hidden.shape)}, {tuple(weight.shape)}")
+        shapes = f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        raise ValueError(f"hidden [..., H] and weight [V, H] do not match: {shapes}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be [V] = {tuple(weight.shape[:1])}, got {tuple(bias.shape)}")
     lead = hidden.shape[:-1]

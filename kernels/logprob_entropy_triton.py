@@ -2,12 +2,12 @@
 
 Forward: one program per row reads the row once, block by block, and keeps three fp32 scalars: the running max m,
 the running sum s = sum exp(z - m) and t = sum exp(z - m) * (z - m), with z = logits / T. When m grows both sums
-are rescaled (t also shifts by (m_old - m_new) * s). At the end lse = m + log s, entropy = log s - t / s and
-logp = z[target] - lse. Keeping t relative to the running max (instead of sum p * z) avoids cancelling two numbers of
-size |z| when the logits are large (+-1e4). -inf logits (masked vocabulary) contribute 0 to every sum.
+are rescaled (t also shifts by (m_old - m_new) * s). At the end entropy = log s - t / s and
+logp = (z[target] - m) - log s. Keeping t relative to the running max (instead of sum p * z) avoids cancelling two
+numbers of size |z| when the logits are large (+-1e4). -inf logits (masked vocabulary) contribute 0 to every sum.
 
-Backward: recomputes p from the logits and the saved lse (O(N) floats are saved, never an [N, V] softmax) and
-writes, per element, dz_j = g_logp * (1[j = target] - p_j) - g_ent * p_j * (log p_j + H), divided by T. The
+Backward: recomputes p from the logits and the saved (m, log s) (O(N) floats are saved, never an [N, V] softmax)
+and writes, per element, dz_j = g_logp * (1[j = target] - p_j) - g_ent * p_j * (log p_j + H), divided by T. The
 gradient may be written in place over the logits (``backward_into``), which the fused lm_head op uses.
 
 Deviations from the reference: none in semantics. Targets must lie in [0, V) (not checked on the GPU, which would
@@ -36,7 +36,7 @@ def _logprob_entropy_fwd_kernel(
     targets_ptr,
     logp_ptr,
     entropy_ptr,
-    lse_ptr,
+    stats_ptr,
     V,
     inv_temp,
     BLOCK_V: tl.constexpr,
@@ -61,12 +61,13 @@ def _logprob_entropy_fwd_kernel(
         s += tl.sum(e, axis=0)
         m = m_new
     log_s = tl.log(s)
-    lse = m + log_s
     target = tl.load(targets_ptr + row).to(tl.int64)
     z_target = tl.load(row_ptr + target).to(tl.float32) * inv_temp
-    tl.store(logp_ptr + row, z_target - lse)
+    # (z - m) - log s rather than z - (m + log s): exact for the largest logits even at |z| ~ 1e4.
+    tl.store(logp_ptr + row, (z_target - m) - log_s)
     tl.store(entropy_ptr + row, log_s - t / s)
-    tl.store(lse_ptr + row, lse)
+    tl.store(stats_ptr + 2 * row, m)
+    tl.store(stats_ptr + 2 * row + 1, log_s)
 
 
 @triton.jit
@@ -76,7 +77,7 @@ def _logprob_entropy_bwd_kernel(
     dlogits_ptr,
     stride_drow,
     targets_ptr,
-    lse_ptr,
+    stats_ptr,
     entropy_ptr,
     grad_logp_ptr,
     grad_entropy_ptr,
@@ -87,7 +88,8 @@ def _logprob_entropy_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     drow_ptr = dlogits_ptr + row * stride_drow
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(stats_ptr + 2 * row)
+    log_s = tl.load(stats_ptr + 2 * row + 1)
     entropy = tl.load(entropy_ptr + row)
     g_logp = tl.load(grad_logp_ptr + row)
     g_ent = tl.load(grad_entropy_ptr + row)
@@ -96,7 +98,7 @@ def _logprob_entropy_bwd_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
         z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temp
-        log_p = z - lse
+        log_p = (z - m) - log_s
         p = tl.exp(log_p)
         dz = -g_logp * p - g_ent * p * tl.where(p > 0, log_p + entropy, 0.0)
         dz = tl.where(cols == target, dz + g_logp, dz)
@@ -130,18 +132,21 @@ def check_inputs(rows: torch.Tensor, targets: torch.Tensor, temperature: float) 
         raise ValueError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
 
 
-def forward_into(logits, targets, temperature, logp, entropy, lse, block_v=None) -> None:
-    """Run the forward kernel on 2-D ``logits`` (unit column stride) writing fp32 [N] ``logp``/``entropy``/``lse``."""
+def forward_into(logits, targets, temperature, logp, entropy, stats, block_v=None) -> None:
+    """Forward kernel on 2-D ``logits`` (unit column stride): fp32 [N] ``logp``, ``entropy``, [N, 2] ``stats``.
+
+    ``stats`` receives (max, log sum exp(z - max)) per row, all the backward needs besides the logits.
+    """
     N, V = logits.shape
     if N == 0:
         return
     block, warps = _launch_config(logits, block_v)
     _logprob_entropy_fwd_kernel[(N,)](
-        logits, logits.stride(0), targets, logp, entropy, lse, V, 1.0 / temperature, BLOCK_V=block, num_warps=warps
+        logits, logits.stride(0), targets, logp, entropy, stats, V, 1.0 / temperature, BLOCK_V=block, num_warps=warps
     )
 
 
-def backward_into(logits, targets, temperature, lse, entropy, grad_logp, grad_entropy, dlogits, block_v=None):
+def backward_into(logits, targets, temperature, stats, entropy, grad_logp, grad_entropy, dlogits, block_v=None):
     """Write d(loss)/d(logits) into ``dlogits`` (may be ``logits`` itself: each element is read before written)."""
     N, V = logits.shape
     if N == 0:
@@ -153,7 +158,7 @@ def backward_into(logits, targets, temperature, lse, entropy, grad_logp, grad_en
         dlogits,
         dlogits.stride(0),
         targets,
-        lse,
+        stats,
         entropy,
         grad_logp,
         grad_entropy,
@@ -183,24 +188,24 @@ class _LogprobEntropy(torch.autograd.Function):
         N = logits.shape[0]
         logp = torch.empty(N, dtype=torch.float32, device=logits.device)
         entropy = torch.empty_like(logp)
-        lse = torch.empty_like(logp)
-        forward_into(logits, targets, temperature, logp, entropy, lse, block_v)
-        ctx.save_for_backward(logits, targets, lse, entropy)
+        stats = torch.empty(N, 2, dtype=torch.float32, device=logits.device)
+        forward_into(logits, targets, temperature, logp, entropy, stats, block_v)
+        ctx.save_for_backward(logits, targets, stats, entropy)
         ctx.temperature, ctx.block_v = temperature, block_v
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits, targets, lse, entropy = ctx.saved_tensors
+        logits, targets, stats, entropy = ctx.saved_tensors
         dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
         backward_into(
             logits,
             targets,
             ctx.temperature,
-            lse,
+            stats,
             entropy,
-            grad_or_zeros(grad_logp, lse),
-            grad_or_zeros(grad_entropy, lse),
+            grad_or_zeros(grad_logp, entropy),
+            grad_or_zeros(grad_entropy, entropy),
             dlogits,
             ctx.block_v,
         )
@@ -223,7 +228,8 @@ def triton_logprob_entropy(
     """
     lead = logits.shape[:-1]
     if logits.dim() < 2 or targets.shape != lead:
-        raise ValueError(f"targets must have shape {tuple(lead)} for logits {tuple(logits.shape)}, got {tuple(targets.shape)}")
+        shapes = f"{tuple(lead)} for logits {tuple(logits.shape)}, got {tuple(targets.shape)}"
+        raise ValueError(f"targets must have shape {shapes}")
     flat = logits.reshape(-1, logits.shape[-1])
     flat_targets = targets.reshape(-1)
     check_inputs(flat, flat_targets, temperature)
