@@ -1,6 +1,6 @@
 """The adaptation loop on a tiny random VLM: what trains, what resets, what is reproducible."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -12,16 +12,19 @@ from ttrv_edge.answers import Question
 from ttrv_edge.api import TTRVAdapter
 from ttrv_edge.config import TTRVConfig
 from ttrv_edge.images import Item
-from ttrv_edge.models import backbone_hidden_states, lm_head
-from ttrv_edge.rollout import completion_logprobs, completion_mask, repeat_batch, sample_rollouts
+from ttrv_edge.models import backbone_hidden_states, lm_head, sequence_inputs
+from ttrv_edge.rollout import completion_logprobs, completion_mask, sample_rollouts
 
 
 @dataclass(frozen=True)
 class ParityQuestion(Question):
-    """Reads every rollout as an answer ("even"/"odd" text length), so a random model's groups carry signal."""
+    """Answers "x", "x", "y", "x", "x", "y", ... in call order, so every group of a random model carries signal."""
+
+    calls: list = field(default_factory=list, compare=False)
 
     def extract(self, text: str) -> str | None:
-        return "even" if len(text) % 2 == 0 else "odd"
+        self.calls.append(text)
+        return "xxy"[len(self.calls) % 3]
 
 
 CONFIG = dict(rollouts=6, steps=2, max_new_tokens=6, lr=5e-2, seed=3)
@@ -51,9 +54,9 @@ def test_completion_logprobs_equal_log_softmax_of_full_logits(adapter, test_imag
     inputs = vlm.prompt_inputs(test_image, "What is it?")
     rollouts = sample_rollouts(vlm, inputs, 3, temperature=1.3, max_new_tokens=5, seed=0)
     logp, entropy = completion_logprobs(vlm, rollouts, temperature=1.3, backend="torch")
-    batch = repeat_batch(inputs, 3)
-    batch["input_ids"] = torch.cat([batch["input_ids"], rollouts.completion_ids], 1)
-    batch["attention_mask"] = torch.cat([batch["attention_mask"], rollouts.completion_mask.long()], 1)
+    sequences = torch.cat([inputs["input_ids"].expand(3, -1), rollouts.completion_ids], 1)
+    attention = torch.cat([inputs["attention_mask"].expand(3, -1), rollouts.completion_mask.long()], 1)
+    batch = sequence_inputs(inputs, sequences, attention)
     with torch.no_grad():
         hidden = backbone_hidden_states(vlm.model, **batch)
         logits = lm_head(vlm.model)(hidden)[:, rollouts.prompt_length - 1 : -1]

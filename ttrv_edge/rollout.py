@@ -5,11 +5,10 @@ log-prob and entropy under the current policy from the language model's last hid
 ``kernels.linear_logprob_entropy``, so the [N, T, V] logits tensor of a plain forward never exists.
 
 Sampling uses the full distribution at the given temperature (no top-k or top-p truncation), so the sampling
-policy is the policy whose log-probs the loss uses, with one exception: special tokens other than EOS (image
-placeholders, BOS, padding) are suppressed while sampling. A trained model never emits them, a random or shifted
-one may, and an image token in a completion would break the next forward (the processor's image-token count no
-longer matches the image features). Their probability mass is tiny for a real model, so the log-probs of the
-loss ignore the suppression.
+policy is the policy whose log-probs the loss uses, with one exception: image placeholders and padding
+(``LoadedVLM.suppress_token_ids``, set in the generation config by ``load_vlm``) are never sampled. A trained model
+never emits them, a random or shifted one may, and an image token in a completion would break the next forward.
+Their probability mass is tiny for a real model, so the log-probs of the loss ignore the suppression.
 """
 
 from __future__ import annotations
@@ -19,9 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
-from .models import LoadedVLM, backbone_hidden_states, lm_head
-
-PROMPT_ONLY_KEYS = ("input_ids", "attention_mask")
+from .models import LoadedVLM, backbone_hidden_states, lm_head, sequence_inputs
 
 
 @dataclass
@@ -56,29 +53,16 @@ def _generate(vlm: LoadedVLM, inputs: dict, num: int, max_new_tokens: int, tempe
         do_sample=sampling,
         num_return_sequences=num,
         eos_token_id=vlm.eos_token_ids,
-        pad_token_id=_pad_id(vlm),
+        pad_token_id=vlm.pad_token_id,
     )
     if sampling:
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-    suppressed = suppressed_token_ids(vlm)
-    if suppressed:
-        kwargs["suppress_tokens"] = suppressed
     with torch.no_grad():
         sequences = vlm.model.generate(**inputs, **kwargs)
     completions = sequences[:, inputs["input_ids"].shape[1] :]
     mask = completion_mask(completions, vlm.eos_token_ids)
     texts = decode(vlm, completions, mask)
     return completions, mask, texts
-
-
-def suppressed_token_ids(vlm: LoadedVLM) -> list[int]:
-    """Special tokens a rollout must never contain: all of the tokenizer's special tokens except EOS."""
-    return sorted(set(vlm.tokenizer.all_special_ids) - set(vlm.eos_token_ids))
-
-
-def _pad_id(vlm: LoadedVLM) -> int:
-    pad = vlm.tokenizer.pad_token_id
-    return pad if pad is not None else vlm.eos_token_ids[0]
 
 
 def decode(vlm: LoadedVLM, completions: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -102,11 +86,6 @@ def greedy_text(vlm: LoadedVLM, inputs: dict, *, max_new_tokens: int) -> str:
     return texts[0]
 
 
-def repeat_batch(inputs: dict, num: int) -> dict:
-    """The prompt's processor outputs repeated ``num`` times along dim 0 (pixel values and grids included)."""
-    return {k: v.repeat(num, *([1] * (v.dim() - 1))) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-
-
 def completion_logprobs(
     vlm: LoadedVLM, rollouts: Rollouts, *, temperature: float, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,11 +95,12 @@ def completion_logprobs(
     only the unmasked ones, and maps them to log-probs with the fused lm_head kernel. Differentiable w.r.t. the
     LoRA weights when grad is enabled.
     """
-    batch = repeat_batch(rollouts.prompt_inputs, rollouts.num)
     ids, mask = rollouts.completion_ids, rollouts.completion_mask
-    batch["input_ids"] = torch.cat([batch["input_ids"], ids], dim=1)
-    batch["attention_mask"] = torch.cat([batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], dim=1)
-    hidden = backbone_hidden_states(vlm.model, **batch)
+    prompt = rollouts.prompt_inputs
+    sequences = torch.cat([prompt["input_ids"].expand(rollouts.num, -1), ids], dim=1)
+    prompt_mask = prompt["attention_mask"].expand(rollouts.num, -1)
+    attention = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    hidden = backbone_hidden_states(vlm.model, **sequence_inputs(prompt, sequences, attention))
     start = rollouts.prompt_length - 1
     predicting = hidden[:, start : start + ids.shape[1]]
     keep = mask.bool()
