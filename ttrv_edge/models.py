@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,6 +371,12 @@ def _check_lora_placement(model) -> list[str]:
 
 
 def _attach_lora(base, lora_rank: int, lora_alpha: int | None, lora_dropout: float, adapter: str | None):
+    with warnings.catch_warnings():  # peft asks transformers about gradient checkpointing through a deprecated name
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return _attach_lora_quiet(base, lora_rank, lora_alpha, lora_dropout, adapter)
+
+
+def _attach_lora_quiet(base, lora_rank: int, lora_alpha: int | None, lora_dropout: float, adapter: str | None):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter is not None:
@@ -409,7 +416,11 @@ def load_vlm(
     path = resolve_model_path(name_or_path)
     dev = _default_device(device)
     base = _load_base(path, _default_dtype(dtype, dev), trust_remote_code)
-    processor = load_processor(path, trust_remote_code=trust_remote_code)
+    try:
+        processor = load_processor(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--model: cannot load the processor of {path} ({first})") from exc
     tokenizer = getattr(processor, "tokenizer", processor)
     if base.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         base.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -287,16 +287,27 @@ def tiny_cache_dir(arch: str = "idefics3") -> Path:
 
 
 def ensure_tiny_vlm(arch: str = "idefics3") -> Path:
-    """Build the default tiny model of ``arch`` once into the cache directory and return its path."""
+    """Build the default tiny model of ``arch`` once into the cache directory and return its path.
+
+    The model is built in a temporary sibling directory and renamed into place, so a crashed build never leaves a
+    half-written model behind, and two processes building at once both end with a complete one.
+    """
+    import shutil
+
     path = tiny_cache_dir(arch)
-    if (path / "ttrv_tiny.json").is_file() and (path / "model.safetensors").is_file():
+    if _complete(path):
         return path
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     build_tiny_vlm(tmp, arch)
+    if path.exists() and not _complete(path):
+        shutil.rmtree(path, ignore_errors=True)
     try:
         tmp.rename(path)
     except OSError:  # another process finished first: keep theirs
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _complete(path: Path) -> bool:
+    return (path / "ttrv_tiny.json").is_file() and (path / "model.safetensors").is_file()
