@@ -25,11 +25,11 @@ AGGREGATIONS = ("token-mean", "sequence-mean")
 
 
 @triton.jit
-def _grpo_terms(logp, old_logp, ref_logp, adv, eps_low, eps_high, beta, HAS_KL: tl.constexpr):
+def _grpo_terms(logp, old_logp, ref_logp, adv, clip_low, clip_high, beta, HAS_KL: tl.constexpr):
     """Per-token loss, its derivative w.r.t. logp, k3 KL and the clipped indicator (all fp32)."""
     ratio = tl.exp(logp - old_logp)
     adv = tl.zeros_like(ratio) + adv  # broadcast the sequence's advantage (scalar & block fails in the interpreter)
-    clipped = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+    clipped = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
     unclipped_obj = ratio * adv
     clipped_obj = clipped * adv
     per_token = -tl.minimum(unclipped_obj, clipped_obj)
@@ -41,7 +41,7 @@ def _grpo_terms(logp, old_logp, ref_logp, adv, eps_low, eps_high, beta, HAS_KL: 
         kl = exp_delta - delta - 1.0
         per_token += beta * kl
         dper_token += beta * (1.0 - exp_delta)
-    is_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+    is_clipped = ((ratio < clip_low) & (adv < 0)) | ((ratio > clip_high) & (adv > 0))
     return per_token, dper_token, kl, is_clipped
 
 
@@ -58,8 +58,8 @@ def _grpo_fwd_kernel(
     stride_old,
     stride_ref,
     stride_mask,
-    eps_low,
-    eps_high,
+    clip_low,
+    clip_high,
     beta,
     HAS_KL: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -79,7 +79,7 @@ def _grpo_fwd_kernel(
         if HAS_KL:
             ref = tl.load(ref_ptr + row * stride_ref + cols, mask=inside, other=0.0).to(tl.float32)
         mask = tl.load(mask_ptr + row * stride_mask + cols, mask=inside, other=0).to(tl.float32)
-        per_token, _, kl, is_clipped = _grpo_terms(logp, old, ref, adv, eps_low, eps_high, beta, HAS_KL)
+        per_token, _, kl, is_clipped = _grpo_terms(logp, old, ref, adv, clip_low, clip_high, beta, HAS_KL)
         # per_token * mask (not a where on mask) so that NaN/inf at masked positions propagate as in the reference.
         loss_sum += tl.sum(tl.where(inside, per_token * mask, 0.0), axis=0)
         mask_sum += tl.sum(mask, axis=0)
@@ -108,8 +108,8 @@ def _grpo_bwd_kernel(
     stride_ref,
     stride_mask,
     stride_dlogp,
-    eps_low,
-    eps_high,
+    clip_low,
+    clip_high,
     beta,
     HAS_KL: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -125,12 +125,16 @@ def _grpo_bwd_kernel(
     if HAS_KL:
         ref = tl.load(ref_ptr + row * stride_ref + cols, mask=inside, other=0.0).to(tl.float32)
     mask = tl.load(mask_ptr + row * stride_mask + cols, mask=inside, other=0).to(tl.float32)
-    _, dper_token, _, _ = _grpo_terms(logp, old, ref, adv, eps_low, eps_high, beta, HAS_KL)
+    _, dper_token, _, _ = _grpo_terms(logp, old, ref, adv, clip_low, clip_high, beta, HAS_KL)
     dlogp = scale * mask * dper_token
     tl.store(dlogp_ptr + row * stride_dlogp + cols, dlogp.to(dlogp_ptr.dtype.element_ty), mask=inside)
 
 
-def _block_t(T: int, device: torch.device) -> int:
+def _block_t(T: int, device: torch.device, block_t: int | None) -> int:
+    if block_t is not None:
+        if block_t < 16 or block_t & (block_t - 1):
+            raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
+        return block_t
     cap = 1024 if device.type == "cuda" else 4096
     return min(cap, triton.next_power_of_2(max(T, 16)))
 
@@ -159,37 +163,36 @@ def _as_loadable_mask(mask: torch.Tensor) -> torch.Tensor:
 
 class _GRPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, beta, aggregation):
+    def forward(ctx, logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, beta, aggregation, block):
         B, T = logp.shape
         has_kl = ref_logp is not None
         ref = ref_logp if has_kl else logp
         partials = torch.empty(B, 4, dtype=torch.float32, device=logp.device)
-        block = _block_t(T, logp.device)
         if B > 0:
             _grpo_fwd_kernel[(B,)](
                 logp, old_logp, ref, advantages, mask, partials, T,
                 logp.stride(0), old_logp.stride(0), ref.stride(0), mask.stride(0),
-                eps_low, eps_high, beta, HAS_KL=has_kl, BLOCK_T=block,
+                clip_low, clip_high, beta, HAS_KL=has_kl, BLOCK_T=block,
             )  # fmt: skip
         loss, stats, weight = _epilogue(partials, aggregation)
         ctx.save_for_backward(logp, old_logp, ref, advantages, mask, weight)
-        ctx.params = (eps_low, eps_high, beta, has_kl, block)
+        ctx.params = (clip_low, clip_high, beta, has_kl, block)
         ctx.mark_non_differentiable(stats["clip_fraction"], stats["mean_kl"])
         return loss, stats["clip_fraction"], stats["mean_kl"]
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_clip, _grad_kl):
         logp, old_logp, ref, advantages, mask, weight = ctx.saved_tensors
-        eps_low, eps_high, beta, has_kl, block = ctx.params
+        clip_low, clip_high, beta, has_kl, block = ctx.params
         B, T = logp.shape
         dlogp = torch.empty_like(logp, memory_format=torch.contiguous_format)
         if B > 0 and T > 0:
             _grpo_bwd_kernel[(B, triton.cdiv(T, block))](
                 grad_loss.float().contiguous(), weight, logp, old_logp, ref, advantages, mask, dlogp, T,
                 logp.stride(0), old_logp.stride(0), ref.stride(0), mask.stride(0), dlogp.stride(0),
-                eps_low, eps_high, beta, HAS_KL=has_kl, BLOCK_T=block,
+                clip_low, clip_high, beta, HAS_KL=has_kl, BLOCK_T=block,
             )  # fmt: skip
-        return dlogp, None, None, None, None, None, None, None, None
+        return dlogp, None, None, None, None, None, None, None, None, None
 
 
 def _check(logp, old_logp, advantages, mask, ref_logp, aggregation):
@@ -220,6 +223,7 @@ def triton_grpo_loss(
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
     aggregation: str = "token-mean",
+    block_t: int | None = None,
 ):
     """Clipped GRPO loss (Triton): ``-min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) + beta * k3``.
 
@@ -232,6 +236,7 @@ def triton_grpo_loss(
         ref_logp: [B, T] reference-policy log-probs for the k3 KL, or None (no KL term).
         beta: KL weight; 0 disables the KL term.
         aggregation: "token-mean" (all unmasked tokens of the batch) or "sequence-mean".
+        block_t: tokens per block of the kernels (power of two); None picks one for the device.
 
     Returns:
         (loss, stats): loss is an fp32 scalar; stats has fp32 scalars "clip_fraction" and "mean_kl" (no grad).
@@ -244,9 +249,10 @@ def triton_grpo_loss(
         advantages.contiguous(),
         _as_loadable_mask(mask),
         _unit_stride(ref_logp) if use_kl else None,
-        float(eps_low),
-        float(eps_high),
+        1.0 - float(eps_low),  # the clip bounds rounded once to fp32, as the reference's clamp does
+        1.0 + float(eps_high),
         float(beta),
         aggregation,
+        _block_t(logp.shape[1], logp.device, block_t),
     )
     return loss, {"clip_fraction": clip_fraction, "mean_kl": mean_kl}
