@@ -13,7 +13,7 @@ from ttrv_edge.api import TTRVAdapter
 from ttrv_edge.config import TTRVConfig
 from ttrv_edge.images import Item
 from ttrv_edge.models import backbone_hidden_states, lm_head, sequence_inputs
-from ttrv_edge.rollout import completion_logprobs, completion_mask, sample_rollouts
+from ttrv_edge.rollout import Rollouts, completion_logprobs, completion_mask, sample_rollouts
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,9 @@ def test_completion_logprobs_equal_log_softmax_of_full_logits(adapter, test_imag
     torch.testing.assert_close(entropy, ref_entropy.view_as(mask) * mask, atol=1e-5, rtol=1e-5)
 
 
-def test_a_step_changes_only_lora_weights(adapter, test_image):
+@pytest.mark.parametrize("arch_dir", ["tiny_idefics3_dir", "tiny_qwen2vl_dir"])
+def test_a_step_changes_only_lora_weights(arch_dir, request, test_image):
+    adapter = TTRVAdapter.from_pretrained(str(request.getfixturevalue(arch_dir)), **CONFIG)
     engine = adapter._engine
     item = engine.prepare("img", test_image, ParityQuestion("Describe it."))
     before = _params(adapter.vlm.model)
@@ -163,3 +165,30 @@ def test_adapter_without_trainable_parameters_is_an_error(adapter):
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="trainable"):
         Adapter(adapter.vlm, TTRVConfig())
+
+
+@pytest.mark.parametrize("arch_dir", ["tiny_idefics3_dir", "tiny_qwen2vl_dir"])
+def test_training_logprobs_match_the_logits_seen_while_generating(arch_dir, request, test_image):
+    """The training forward (prompt + completion at once) scores each token as generation did, step by step.
+
+    This catches position-id mistakes (Qwen2-VL's 3-D rope) and off-by-one slicing of the hidden states.
+    """
+    vlm = TTRVAdapter.from_pretrained(str(request.getfixturevalue(arch_dir)), **CONFIG).vlm
+    inputs = vlm.prompt_inputs(test_image, "Which shape is red?")
+    with torch.no_grad():
+        out = vlm.model.generate(
+            **inputs,
+            do_sample=False,
+            max_new_tokens=5,
+            output_logits=True,
+            return_dict_in_generate=True,
+            eos_token_id=vlm.eos_token_ids,
+            pad_token_id=vlm.pad_token_id,
+        )
+    completion = out.sequences[:, inputs["input_ids"].shape[1] :]
+    steps = torch.stack(out.logits, dim=1).float()  # [1, T, V] raw logits at each generation step
+    expected = torch.log_softmax(steps, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    rollouts = Rollouts(inputs, completion, completion_mask(completion, vlm.eos_token_ids), ["?"])
+    logp, _ = completion_logprobs(vlm, rollouts, temperature=1.0, backend="torch")
+    mask = rollouts.completion_mask.bool()
+    torch.testing.assert_close(logp[mask], expected[mask], atol=1e-4, rtol=1e-4)
