@@ -2,13 +2,16 @@
 
 OMP_WAIT_POLICY is set to PASSIVE before torch is imported: on a shared 2-core machine, OpenMP's default spinning
 made a tiny model's generate+step 3-4x slower when another process kept one core busy (measured: 8 rollouts x 16
-tokens 400 ms ACTIVE vs 108 ms PASSIVE; the same ~100 ms either way on an idle machine). A value already in the
-environment wins.
+tokens 400 ms ACTIVE vs 108 ms PASSIVE; the same ~100 ms either way on an idle machine). TRITON_INTERPRET=1 runs the
+Triton kernels on CPU. Values already in the environment win.
 """
 
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Triton reads TRITON_INTERPRET when it is first imported, and any test module may import it first (through
+# ttrv_edge.kernels): the suite is CPU-only, so the interpreter is switched on for the whole session.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
