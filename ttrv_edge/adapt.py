@@ -116,17 +116,9 @@ class Adapter:
 
     def predict(self, item: PreparedItem, seed: int) -> Prediction:
         """Greedy answer and the answer distribution of N samples, with the current adapter."""
-        cfg = self.config
-        text = greedy_text(self.vlm, item.inputs, max_new_tokens=cfg.max_new_tokens)
-        rollouts = sample_rollouts(
-            self.vlm,
-            item.inputs,
-            cfg.rollouts,
-            temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=seed,
-        )
-        return self._prediction(item.question, text, [item.question.extract(t) for t in rollouts.texts])
+        text = greedy_text(self.vlm, item.inputs, max_new_tokens=self.config.max_new_tokens)
+        _, answers = self.sample(item, seed)
+        return self._prediction(item.question, text, answers)
 
     @staticmethod
     def _prediction(question: Question, greedy: str, sampled: list[str | None]) -> Prediction:
