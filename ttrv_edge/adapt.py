@@ -21,7 +21,9 @@ import torch
 
 from . import kernels
 from .answers import Question, answer_distribution, majority_answer
+from .checkpoints import RunCheckpoint, save_adapter
 from .config import TTRVConfig
+from .guards import CollapseGuard, guarded_update, take_snapshot
 from .models import LoadedVLM, load_lora_state, lora_state
 from .rewards import compute_rewards
 from .rollout import Rollouts, completion_logprobs, greedy_text, sample_rollouts
@@ -51,6 +53,7 @@ class StepRecord:
     seconds: float
     updated: bool
     answer_entropy: float
+    skipped: str | None = None  # why the update was undone (e.g. "non-finite loss"); None when it ran or had no signal
 
 
 @dataclass
@@ -64,6 +67,19 @@ class ItemResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ItemResult:
+        """Inverse of ``to_dict`` (used to resume a checkpointed run)."""
+        after = data.get("after")
+        return cls(
+            image=data["image"],
+            question=data["question"],
+            choices=data["choices"],
+            before=Prediction(**data["before"]),
+            after=Prediction(**after) if after is not None else None,
+            steps=[StepRecord(**s) for s in data["steps"]],
+        )
 
 
 @dataclass
@@ -91,6 +107,9 @@ def consensus_of(answers: Sequence[str | None]) -> float:
 
 class Adapter:
     """Runs TTRV on a loaded VLM: holds the optimizer and the snapshot of the LoRA weights to reset to."""
+
+    last_answers: list[list[str | None]] | None = None  # each input's sampled answers in the latest ``step``
+    last_run: dict | None = None  # what ``adapt_transductive`` reported about its last run (guards, resume)
 
     def __init__(self, vlm: LoadedVLM, config: TTRVConfig):
         self.vlm = vlm
@@ -220,7 +239,8 @@ class Adapter:
         start = time.perf_counter()
         groups = [self.sample(item, item_seed(seed, i)) for i, item in enumerate(items)]
         consensus = sum(consensus_of(a) for _, a in groups) / len(groups)
-        loss, mean_reward, entropies = self.update(groups)
+        self.last_answers = [a for _, a in groups]
+        loss, mean_reward, entropies, skipped = guarded_update(self, groups)
         return StepRecord(
             step=step,
             mean_reward=mean_reward,
@@ -229,6 +249,7 @@ class Adapter:
             seconds=time.perf_counter() - start,
             updated=loss is not None,
             answer_entropy=sum(entropies) / len(entropies),
+            skipped=skipped,
         )
 
     # ------------------------------------------------------------------ the two modes
@@ -260,10 +281,9 @@ class Adapter:
                 if progress:
                     progress(cfg.steps - k)
                 break
-            loss, mean_reward, entropies = self.update([(rollouts, answers)])
-            steps.append(
-                StepRecord(k, mean_reward, consensus, loss, time.perf_counter() - start, loss is not None, entropies[0])
-            )
+            loss, mean_reward, entropies, skipped = guarded_update(self, [(rollouts, answers)])
+            seconds = time.perf_counter() - start
+            steps.append(StepRecord(k, mean_reward, consensus, loss, seconds, loss is not None, entropies[0], skipped))
             if progress:
                 progress(1)
         result.steps = steps
@@ -278,36 +298,58 @@ class Adapter:
         return result
 
     def save(self, directory: Path) -> Path:
-        """Save the current LoRA weights and adapter config to ``directory`` (safetensors)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.vlm.model.save_pretrained(directory, safe_serialization=True)
-        return directory
+        """Save the current LoRA weights and adapter config to ``directory`` (safetensors, written atomically)."""
+        return save_adapter(self.vlm.model, Path(directory))
 
-    def adapt_transductive(self, items: list[PreparedItem], progress: Progress | None = None) -> list[ItemResult]:
-        """Transductive TTRV: answer every input, E epochs of updates over the set, answer every input again."""
+    def adapt_transductive(
+        self,
+        items: list[PreparedItem],
+        progress: Progress | None = None,
+        checkpoint_dir: Path | None = None,
+        resume: bool = False,
+    ) -> list[ItemResult]:
+        """Transductive TTRV: answer every input, E epochs of updates over the set, answer every input again.
+
+        The collapse guard (``collapse_guard``) checks the answers' diversity across inputs and may stop the run and
+        roll back to its best snapshot. With ``checkpoint_dir`` the run is checkpointed every ``checkpoint_every``
+        steps, and ``resume=True`` continues from the checkpoint there (a fresh start when there is none); the
+        resumed run ends with the same adapter as an uninterrupted one. ``self.last_run`` reports the guard's
+        checks, any collapse, the skipped (non-finite) steps and where the run resumed.
+        """
         cfg = self.config
-        results = []
-        for i, item in enumerate(items):
-            results.append(
-                ItemResult(
-                    item.label,
-                    item.question.text,
-                    _choices(item.question),
-                    before=self.predict(item, item_seed(cfg.seed, 0, i)),
-                )
-            )
+        store = RunCheckpoint(checkpoint_dir, cfg, [item.label for item in items]) if checkpoint_dir else None
+        if store is not None and not resume:
+            store.require_fresh()
+        resumed = None
+        if store is not None and resume and store.exists():
+            resumed = store.load(self.vlm.model, self.optimizer)
+        if resumed is None:
+            results = [self._answer_before(item, i, progress) for i, item in enumerate(items)]
+            start = take_snapshot(self.vlm.model, self.optimizer) if cfg.collapse_guard else None
+            guard = CollapseGuard(cfg, [r.before.distribution for r in results], start)
+            first, stopped = 0, False
+        else:
+            results = [ItemResult.from_dict(r) for r in resumed.results]
+            guard = CollapseGuard(cfg, [r.before.distribution for r in results], None)
+            guard.load_state(resumed.guard, resumed.best)
+            first, stopped = resumed.next_step, resumed.stopped
             if progress:
-                progress(1)
+                progress(len(items))
         order_rng = torch.Generator().manual_seed(cfg.seed)
+        per_epoch = -(-len(items) // cfg.batch_size)
         step = 0
         for epoch in range(cfg.epochs):
             order = torch.randperm(len(items), generator=order_rng).tolist()
             for b in range(0, len(order), cfg.batch_size):
                 batch = order[b : b + cfg.batch_size]
-                record = self.step([items[i] for i in batch], step, item_seed(cfg.seed, 3, epoch, b))
-                for i in batch:
-                    results[i].steps.append(record)
+                if step >= first and not stopped:
+                    record = self.step([items[i] for i in batch], step, item_seed(cfg.seed, 3, epoch, b))
+                    for i in batch:
+                        results[i].steps.append(record)
+                    guard.observe(batch, self.last_answers)
+                    stopped = self._check_collapse(guard, step + 1, per_epoch)
+                    if store is not None and (stopped or (step + 1) % cfg.checkpoint_every == 0):
+                        store.save(self.vlm.model, self.optimizer, step + 1, results, guard, stopped)
                 step += 1
                 if progress:
                     progress(len(batch))
@@ -315,7 +357,28 @@ class Adapter:
             results[i].after = self.predict(item, item_seed(cfg.seed, 2, i))
             if progress:
                 progress(1)
+        self.last_run = {
+            **guard.report(),
+            "nonfinite_skips": sorted({s.step for r in results for s in r.steps if s.skipped}),
+            "resumed_from_step": first if resumed is not None else None,
+            "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
+        }
         return results
+
+    def _answer_before(self, item: PreparedItem, index: int, progress: Progress | None) -> ItemResult:
+        before = self.predict(item, item_seed(self.config.seed, 0, index))
+        if progress:
+            progress(1)
+        return ItemResult(item.label, item.question.text, _choices(item.question), before=before)
+
+    def _check_collapse(self, guard: CollapseGuard, steps_done: int, per_epoch: int) -> bool:
+        """Run the guard's check when due; on collapse roll back to its best snapshot and say to stop."""
+        if not guard.due(steps_done, per_epoch):
+            return False
+        if not guard.check(steps_done, self.vlm.model, self.optimizer).collapsed:
+            return False
+        guard.roll_back(steps_done, self.vlm.model, self.optimizer)
+        return True
 
     def work_units(self, mode: str, num_items: int) -> int:
         """Units of ``progress`` a run will report, for sizing a progress bar."""

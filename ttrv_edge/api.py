@@ -15,10 +15,13 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import torch
+
 from .adapt import Adapter, ItemResult, Prediction, PreparedItem, item_seed
 from .answers import DEFAULT_QUESTION, Question
+from .checkpoints import check_adapter_dir, verify_adapter_loaded
 from .config import TTRVConfig
-from .images import Item, load_image
+from .images import Item, SkippedItem, display_name, load_image
 from .models import LoadedVLM, load_vlm
 
 
@@ -68,18 +71,34 @@ class TTRVAdapter:
         ``options`` are TTRVConfig fields (``rollouts=16``, ``lr=1e-4`` ...) applied on top of ``config``.
         """
         config = dataclasses.replace(config or TTRVConfig(), **options)
-        vlm = load_vlm(
-            model,
-            lora_rank=config.lora_rank,
-            lora_alpha=config.effective_lora_alpha,
-            trust_remote_code=trust_remote_code,
-            device=device,
-            adapter=adapter,
-        )
+        if adapter is not None:
+            check_adapter_dir(adapter)
+        with torch.random.fork_rng(devices=[]):  # the fresh LoRA's random init follows the seed, like the rest
+            torch.manual_seed(config.seed)
+            try:
+                vlm = load_vlm(
+                    model,
+                    lora_rank=config.lora_rank,
+                    lora_alpha=config.effective_lora_alpha,
+                    trust_remote_code=trust_remote_code,
+                    device=device,
+                    adapter=adapter,
+                )
+            except RuntimeError as error:  # peft: "Error(s) in loading state_dict ... size mismatch"
+                if adapter is None or "state_dict" not in str(error):
+                    raise
+                raise ValueError(f"--adapter: {adapter} does not fit this model (tensor shapes differ)") from None
+        if adapter is not None:
+            verify_adapter_loaded(vlm.model, adapter)
         return cls(vlm, config)
 
     def _prepare(self, image, question: Question, label: str | None = None) -> PreparedItem:
-        return self._engine.prepare(label or describe_image(image), load_image(image), question)
+        label = label or describe_image(image)
+        loaded = load_image(image)  # its errors name the file already
+        try:
+            return self._engine.prepare(label, loaded, question)
+        except ValueError as error:  # the processor refused the image (size, aspect ratio)
+            raise ValueError(f"{display_name(label)}: the model's processor cannot use this image ({error})") from None
 
     def adapt(
         self, image, question: str | None = None, choices=None, labels=None, numeric=False, progress=None
@@ -88,12 +107,38 @@ class TTRVAdapter:
         item = self._prepare(image, make_question(question, choices, labels, numeric))
         return self._engine.adapt_episode(item, progress=progress)
 
-    def adapt_dataset(self, items: Iterable[Item], progress=None) -> list[ItemResult]:
-        """Transductive TTRV over ``items`` (E epochs), then every item answered by the adapted model."""
-        prepared = [self._prepare(item.image, item.question, item.image) for item in items]
+    def adapt_dataset(
+        self,
+        items: Iterable[Item],
+        progress=None,
+        *,
+        skipped: list[SkippedItem] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+    ) -> list[ItemResult]:
+        """Transductive TTRV over ``items`` (E epochs), then every item answered by the adapted model.
+
+        A bad image raises ValueError naming it, unless a ``skipped`` list is given: then it is recorded there and
+        the other items are processed. ``checkpoint_dir``/``resume``: checkpoint the run, or continue it from there.
+        ``run_info`` afterwards tells what the guards did (collapse, non-finite steps) and whether it resumed.
+        """
+        prepared = []
+        for item in items:
+            try:
+                prepared.append(self._prepare(item.image, item.question, item.image))
+            except ValueError as error:
+                if skipped is None:
+                    raise
+                skipped.append(SkippedItem(item.image, str(error)))
         if not prepared:
-            raise ValueError("adapt_dataset needs at least one item")
-        return self._engine.adapt_transductive(prepared, progress=progress)
+            raise ValueError("adapt_dataset: no usable items" + (f" ({skipped[0].reason})" if skipped else ""))
+        checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        return self._engine.adapt_transductive(prepared, progress=progress, checkpoint_dir=checkpoint, resume=resume)
+
+    @property
+    def run_info(self) -> dict | None:
+        """What the last ``adapt_dataset`` run reported: diversity checks, collapse, skipped steps, resume."""
+        return self._engine.last_run
 
     def answer(self, image, question: str | None = None, choices=None, labels=None, numeric=False) -> Prediction:
         """Answer with the current adapter, no adaptation."""

@@ -92,6 +92,19 @@ def adapt(
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow the model folder's own Python code to run. Only for models you trust.")
     ] = False,
+    checkpoint_dir: Annotated[
+        Path | None,
+        typer.Option(help="Transductive mode: checkpoint the run in this folder (LoRA + optimizer state)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run checkpointed in --checkpoint-dir (start fresh if there is none).")
+    ] = False,
+    checkpoint_every: Annotated[int, typer.Option(help=_option("checkpoint_every"))] = 1,
+    collapse_guard: Annotated[bool, typer.Option(help=_option("collapse_guard"))] = True,
+    allow_outside_root: Annotated[
+        bool,
+        typer.Option(help="Let a JSONL file's (or folder's) image paths leave its folder: '..', absolute, symlinks."),
+    ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Adapt a VLM to IMAGE (episodic) or to a folder / JSONL of images (transductive), then answer."""
@@ -109,15 +122,23 @@ def adapt(
         beta=beta,
         backend=backend,
         seed=seed,
+        checkpoint_every=checkpoint_every,
+        collapse_guard=collapse_guard,
     )
+    if resume and checkpoint_dir is None:
+        raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
     default_question = Question(
         text=question, choices=parse_options(choices, "--choices"), labels=_read_labels(labels), numeric=numeric
     )
 
     from .api import TTRVAdapter
-    from .images import collect_items
+    from .images import collect_items, load_image
 
-    mode, items = collect_items(source, default_question)
+    skipped: list = []
+    mode, items = collect_items(source, default_question, skipped, allow_outside_root)
+    image = load_image(items[0].image) if mode == "episodic" else None  # a bad image fails before the model loads
+    if mode == "episodic" and checkpoint_dir is not None:
+        raise ValueError("--checkpoint-dir: only folder and JSONL runs (transductive mode) are checkpointed")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a folder")
     with stderr.status(f"loading {model}", spinner="dots"):
@@ -128,11 +149,15 @@ def adapt(
         task = bar.add_task(f"TTRV {mode}", total=adapter_api.work_units(mode, len(items)))
         advance = lambda n: bar.advance(task, n)  # noqa: E731
         if mode == "episodic":
-            item = adapter_api._prepare(items[0].image, items[0].question, items[0].image)
+            item = adapter_api._prepare(image, items[0].question, items[0].image)
             results = [adapter_api._engine.adapt_episode(item, progress=advance, save_dir=out)]
         else:
-            results = adapter_api.adapt_dataset(items, progress=advance)
+            results = adapter_api.adapt_dataset(
+                items, progress=advance, skipped=skipped, checkpoint_dir=checkpoint_dir, resume=resume
+            )
             adapter_api.save_adapter(out)
+    for bad in skipped:
+        stderr.print(f"skipped: {bad.reason}", markup=False, highlight=False, soft_wrap=True)
     report = {
         "model": model,
         "mode": mode,
@@ -140,6 +165,9 @@ def adapt(
         "adapter_dir": str(out),
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if mode == "transductive":
+        report["skipped"] = [bad.to_dict() for bad in skipped]
+        report["run"] = adapter_api.run_info
     if json_output:
         sys.stdout.write(json.dumps(report) + "\n")
     else:

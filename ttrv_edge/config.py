@@ -54,6 +54,29 @@ class TTRVConfig:
     seed: int = _help("random seed: the same seed and inputs give the same run", 0)
     backend: str = _help("kernel backend: 'auto' (triton on CUDA, torch elsewhere), 'triton' or 'torch'", "auto")
     keep: bool = _help("episodic mode: keep the adapter after an input instead of resetting it", False)
+    skip_nonfinite: bool = _help(
+        "skip an update whose loss or gradient is NaN/Inf, restoring the LoRA weights and optimizer state from "
+        "before it (the step record says why)",
+        True,
+    )
+    collapse_guard: bool = _help(
+        "transductive mode: stop and roll back to the most diverse checkpoint when nearly all inputs collapse to "
+        "one majority answer (label-free; see ttrv_edge/guards.py)",
+        True,
+    )
+    collapse_share: float = _help(
+        "collapse guard: fraction of inputs sharing one majority answer that counts as collapse", 0.9
+    )
+    collapse_drop: float = _help(
+        "collapse guard: ... when the entropy of the inputs' majority answers has also fallen to this fraction of "
+        "its value before adaptation (0.5 = halved)",
+        0.5,
+    )
+    collapse_min_inputs: int = _help("collapse guard: inputs with a readable answer needed to judge", 4)
+    collapse_check_every: int = _help("collapse guard: steps between diversity checks (0 = once per epoch)", 0)
+    checkpoint_every: int = _help(
+        "transductive mode with a checkpoint folder: steps between checkpoints (LoRA + optimizer state)", 1
+    )
 
     def __post_init__(self) -> None:
         positive_ints = ("rollouts", "steps", "epochs", "batch_size", "lora_rank", "max_new_tokens", "inner_updates")
@@ -82,6 +105,21 @@ class TTRVConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        self._check_reliability()
+
+    def _check_reliability(self) -> None:
+        for name in ("collapse_min_inputs", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        if isinstance(self.collapse_check_every, bool) or not isinstance(self.collapse_check_every, int):
+            raise ValueError(f"--collapse-check-every must be an integer, got {self.collapse_check_every!r}")
+        if self.collapse_check_every < 0:
+            raise ValueError(f"--collapse-check-every must be >= 0, got {self.collapse_check_every!r}")
+        if not 0.0 < self.collapse_share <= 1.0:
+            raise ValueError(f"--collapse-share must be in (0, 1], got {self.collapse_share!r}")
+        if not 0.0 <= self.collapse_drop < 1.0:
+            raise ValueError(f"--collapse-drop must be in [0, 1), got {self.collapse_drop!r}")
 
     @property
     def effective_lora_alpha(self) -> int:

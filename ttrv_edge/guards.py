@@ -1,0 +1,250 @@
+"""Run guards: a NaN/Inf step guard and a label-free collapse detector for transductive adaptation.
+
+Non-finite steps. ``guarded_update`` wraps one ``Adapter.update`` call. Right before each optimizer step (an
+optimizer pre-hook, so ``update`` itself needs no change) it snapshots the LoRA weights and optimizer state (only
+once per update, and only when a step is about to happen, so a group without signal costs nothing) and checks the
+gradients. A NaN/Inf gradient drops the gradients so that step changes nothing; afterwards a NaN/Inf loss, a flagged
+gradient or a non-finite weight restores the snapshot, so the adapter is bit-identical to before the update, and the
+step is reported as skipped with the reason. The run continues with the next step.
+
+Collapse. The paper reports that long adaptation can collapse a model to one answer for every input (one dataset
+fell from 0.84 to 0.25). Without labels the symptom is still visible in the answers themselves: across the set, the
+inputs' majority answers stop being diverse. ``CollapseGuard`` keeps each input's latest sampled answer distribution
+(from the training steps, so it costs no extra sampling) and, every check, computes
+
+- ``dominant_share``: the fraction of inputs whose majority answer is the most common majority answer;
+- ``majority_entropy``: the entropy (nats) of the inputs' majority answers;
+- ``answer_entropy``: the mean per-input answer entropy (how unsure each input's samples are);
+- ``score`` = H(pooled answers) - mean per-input H: the mutual information between input and answer, high when
+  answers differ across inputs and agree within one (the information-maximisation criterion of label-free
+  adaptation methods such as SHOT). It is 0 when every input gets the same answer distribution.
+
+It fires when, over at least ``collapse_min_inputs`` inputs with a readable answer, ``dominant_share`` reaches
+``collapse_share`` and ``majority_entropy`` has fallen to ``collapse_drop`` times its value before adaptation or
+less. Comparing with the start keeps a set whose inputs already agreed (say, all cats) from looking like a collapse:
+when the majority answers had no diversity to begin with, the guard cannot tell and never fires. On firing the run
+stops and rolls back to the checkpoint with the best score (the start of the run counts as one).
+
+Deviation: unreadable rollouts are left out of these statistics (an input whose rollouts are all unreadable is
+left out of the check), so a model whose outputs turn to unreadable text is not caught by this guard.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .answers import NO_ANSWER, answer_distribution
+from .models import load_lora_state, lora_state
+
+NONFINITE_LOSS = "non-finite loss"
+NONFINITE_GRADIENT = "non-finite gradient"
+NONFINITE_WEIGHTS = "non-finite weights after the step"
+
+
+@dataclass
+class Snapshot:
+    """The LoRA weights and the optimizer state at one moment, deep copies."""
+
+    lora: dict[str, torch.Tensor]
+    optimizer: dict
+
+
+def take_snapshot(model, optimizer: torch.optim.Optimizer) -> Snapshot:
+    return Snapshot(lora_state(model), copy.deepcopy(optimizer.state_dict()))
+
+
+def restore_snapshot(model, optimizer: torch.optim.Optimizer, snapshot: Snapshot) -> None:
+    """Put the weights and optimizer state of ``snapshot`` back, exactly (the snapshot stays reusable)."""
+    load_lora_state(model, snapshot.lora)
+    optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
+
+
+def _trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def guarded_update(adapter, groups) -> tuple[float | None, float | None, list[float], str | None]:
+    """``adapter.update(groups)`` that never leaves NaN/Inf in the adapter.
+
+    Returns (loss, mean reward, per-group answer entropies, skipped): ``skipped`` is None when the update ran or
+    had no signal, else the reason it was undone (then loss is None and the weights and optimizer state are
+    exactly those from before the call).
+    """
+    if not adapter.config.skip_nonfinite:
+        loss, mean_reward, entropies = adapter.update(groups)
+        return loss, mean_reward, entropies, None
+    model, optimizer = adapter.vlm.model, adapter.optimizer
+    params = _trainable(model)
+    state: dict = {"snapshot": None, "bad_gradient": False}
+
+    def before_step(_optimizer, _args, _kwargs):
+        if state["snapshot"] is None:
+            state["snapshot"] = take_snapshot(model, optimizer)
+        if not _all_finite([p.grad for p in params]):
+            state["bad_gradient"] = True
+            for p in params:
+                p.grad = None  # the optimizer skips parameters without a gradient: this step changes nothing
+
+    handle = optimizer.register_step_pre_hook(before_step)
+    try:
+        loss, mean_reward, entropies = adapter.update(groups)
+    finally:
+        handle.remove()
+    reason = None
+    if loss is not None and not math.isfinite(loss):
+        reason = NONFINITE_LOSS
+    elif state["bad_gradient"]:
+        reason = NONFINITE_GRADIENT
+    elif state["snapshot"] is not None and not _all_finite(params):
+        reason = NONFINITE_WEIGHTS
+    if reason is not None:
+        if state["snapshot"] is not None:
+            restore_snapshot(model, optimizer, state["snapshot"])
+        loss = None
+    return loss, mean_reward, entropies, reason
+
+
+# ------------------------------------------------------------------------------------------------ collapse guard
+
+
+def entropy(probabilities) -> float:
+    """Shannon entropy in nats of a sequence of probabilities (zeros ignored)."""
+    return -sum(p * math.log(p) for p in probabilities if p > 0)
+
+
+def _valid(distribution: dict[str, float]) -> dict[str, float]:
+    """The distribution over readable answers only, renormalised (empty when nothing was readable)."""
+    valid = {a: p for a, p in distribution.items() if a != NO_ANSWER and p > 0}
+    total = sum(valid.values())
+    return {a: p / total for a, p in valid.items()} if total > 0 else {}
+
+
+@dataclass
+class DiversityCheck:
+    """Label-free statistics of the answers over the set at one step (see the module docstring)."""
+
+    step: int
+    inputs: int
+    dominant_answer: str | None
+    dominant_share: float
+    majority_entropy: float
+    answer_entropy: float
+    score: float
+    collapsed: bool = False
+
+
+def diversity(distributions: Sequence[dict[str, float]], step: int) -> DiversityCheck:
+    """The statistics of one answer distribution per input (answer -> fraction, as ``answer_distribution``)."""
+    valid = [d for d in (_valid(d) for d in distributions) if d]
+    if not valid:
+        return DiversityCheck(step, 0, None, 0.0, 0.0, 0.0, 0.0)
+    majorities = Counter(min(d, key=lambda a: (-d[a], a)) for d in valid)
+    dominant, count = min(majorities.items(), key=lambda kv: (-kv[1], kv[0]))
+    pooled: Counter = Counter()
+    for d in valid:
+        pooled.update({a: p / len(valid) for a, p in d.items()})
+    per_input = sum(entropy(d.values()) for d in valid) / len(valid)
+    return DiversityCheck(
+        step=step,
+        inputs=len(valid),
+        dominant_answer=dominant,
+        dominant_share=count / len(valid),
+        majority_entropy=entropy(c / len(valid) for c in majorities.values()),
+        answer_entropy=per_input,
+        score=max(0.0, entropy(pooled.values()) - per_input),
+    )
+
+
+class CollapseGuard:
+    """Tracks answer diversity over a transductive run, keeps the best snapshot, and detects collapse.
+
+    ``before`` holds each input's answer distribution before adaptation; ``start`` the adapter's snapshot then.
+    """
+
+    def __init__(self, config, before: Sequence[dict[str, float]], start: Snapshot | None):
+        self.config = config
+        self.latest = [dict(d) for d in before]
+        self.initial = diversity(self.latest, 0)
+        self.history = [self.initial]
+        self.best_step = 0
+        self.best_score = self.initial.score
+        self.best = start
+        self.collapse: dict | None = None
+
+    def observe(self, indices: Sequence[int], answers: Sequence[Sequence[str | None]]) -> None:
+        """Record the answers just sampled for the inputs ``indices`` (one list of answers per input)."""
+        for index, sampled in zip(indices, answers):
+            self.latest[index] = answer_distribution(list(sampled))
+
+    def due(self, step: int, steps_per_epoch: int) -> bool:
+        every = self.config.collapse_check_every or steps_per_epoch
+        return step % every == 0
+
+    def check(self, step: int, model, optimizer) -> DiversityCheck:
+        """Compute the statistics now; keep a snapshot if they are the best so far; say whether it collapsed."""
+        current = diversity(self.latest, step)
+        current.collapsed = self._collapsed(current)
+        self.history.append(current)
+        if self.config.collapse_guard and current.score > self.best_score and not current.collapsed:
+            self.best_step, self.best_score = step, current.score
+            self.best = take_snapshot(model, optimizer)
+        return current
+
+    def _collapsed(self, current: DiversityCheck) -> bool:
+        cfg = self.config
+        return (
+            cfg.collapse_guard
+            and current.inputs >= cfg.collapse_min_inputs
+            and current.dominant_share >= cfg.collapse_share
+            and self.initial.majority_entropy > 0
+            and current.majority_entropy <= cfg.collapse_drop * self.initial.majority_entropy
+        )
+
+    def roll_back(self, step: int, model, optimizer) -> None:
+        """Restore the best snapshot and record the collapse (called after ``check`` said collapsed)."""
+        current = self.history[-1]
+        if self.best is not None:
+            restore_snapshot(model, optimizer, self.best)
+        self.collapse = {
+            "step": step,
+            "dominant_answer": current.dominant_answer,
+            "dominant_share": current.dominant_share,
+            "majority_entropy": current.majority_entropy,
+            "initial_majority_entropy": self.initial.majority_entropy,
+            "rolled_back_to_step": self.best_step,
+        }
+
+    # -------------------------------------------------------------- state for checkpoints (JSON-able + a snapshot)
+
+    def state(self) -> dict:
+        return {
+            "latest": self.latest,
+            "history": [asdict(c) for c in self.history],
+            "best_step": self.best_step,
+            "best_score": self.best_score,
+            "collapse": self.collapse,
+        }
+
+    def load_state(self, state: dict, best: Snapshot | None) -> None:
+        self.latest = [dict(d) for d in state["latest"]]
+        self.history = [DiversityCheck(**c) for c in state["history"]]
+        self.initial = self.history[0]
+        self.best_step, self.best_score = int(state["best_step"]), float(state["best_score"])
+        self.collapse = state["collapse"]
+        self.best = best
+
+    def report(self) -> dict:
+        return {"collapse": self.collapse, "diversity": [asdict(c) for c in self.history]}
