@@ -1,0 +1,76 @@
+"""The microbenchmark scripts run at tiny shapes on CPU and write the agreed CSV columns and a PNG."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from test_kernels_helpers import triton_interpreter
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+COLUMNS = ["op", "provider", "N", "V", "H", "dtype", "pass", "ms", "GB/s", "peak_MB"]
+
+
+def _main(script: str):
+    """The script's main(), loaded in-process (its `common` import resolved from bench/, then forgotten)."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        spec = importlib.util.spec_from_file_location(script, BENCH_DIR / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+        sys.modules.pop("common", None)
+    return module.main
+
+
+def _read(path: Path):
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.mark.parametrize(
+    "script, argv, n_rows",
+    [
+        ("bench_logprob_entropy", ["--N", "8,16", "--V", "96", "--dtypes", "fp32,bf16"], 8),
+        ("bench_linear_logprob_entropy", ["--N", "8", "--V", "96", "--H", "8", "--providers", "torch,chunked"], 4),
+        ("bench_grpo_loss", ["--N", "64", "--seq-len", "16", "--dtypes", "fp32"], 2),
+        ("bench_group_rewards", ["--N", "8", "--V", "3"], 1),
+    ],
+)
+def test_bench_script_writes_csv_and_png(tmp_path, script, argv, n_rows):
+    out = tmp_path / "result.csv"
+    base = ["--device", "cpu", "--repeats", "2", "--warmup", "1", "--out", str(out)]
+    if "--providers" not in argv:
+        base += ["--providers", "torch"]
+    rows = _main(script)(base + argv)
+    header, written = _read(out)
+    assert header == COLUMNS
+    assert len(written) == len(rows) == n_rows
+    for row in written:
+        assert row["provider"] in ("torch", "chunked")
+        assert float(row["ms"]) > 0 and float(row["GB/s"]) > 0
+        assert not math.isnan(float(row["peak_MB"])) and float(row["peak_MB"]) >= 0
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_triton_provider_runs_under_the_interpreter(tmp_path):
+    out = tmp_path / "le.csv"
+    argv = ["--device", "cpu", "--providers", "triton,torch,liger", "--N", "4", "--V", "64", "--dtypes", "bf16",
+            "--repeats", "1", "--warmup", "0", "--out", str(out), "--no-plot", "--temperature", "0.7"]  # fmt: skip
+    with triton_interpreter():
+        _main("bench_logprob_entropy")(argv)
+    _, written = _read(out)
+    providers = {(r["provider"], r["pass"]) for r in written}
+    # liger is skipped on CPU (not installed, or no CUDA), the other two run both passes.
+    assert providers == {(p, s) for p in ("triton", "torch") for s in ("fwd", "fwd+bwd")}
+
+
+def test_unknown_provider_is_rejected():
+    with pytest.raises(SystemExit, match="unknown provider"):
+        _main("bench_group_rewards")(["--device", "cpu", "--providers", "numpy"])
