@@ -17,6 +17,8 @@ Deviations and choices:
   buffer and cast once at the end (Liger accumulates in the weight's dtype); it costs V x H x 4 bytes while the
   backward runs, and only when lm_head is trained.
 - The logits are computed in the inputs' dtype (as ``hidden @ weight.T`` does in the reference), then read in fp32.
+  Under autocast, hidden/weight/bias are cast to the autocast dtype first (as ``nn.Linear`` would be), and the
+  Function runs with autocast off so that the backward's recompute uses the same dtype as the forward.
 """
 
 from __future__ import annotations
@@ -142,14 +144,26 @@ def triton_linear_logprob_entropy(
     flat_targets = targets.reshape(-1).contiguous()
     V = weight.shape[0]
     check_inputs(flat, flat_targets, temperature)
-    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
-        raise ValueError(f"hidden, weight and bias must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    flat, weight, bias = _matmul_dtype(flat, weight, bias)
     if flat.shape[0] == 0:
         empty = flat.new_zeros(0, dtype=torch.float32)
         return empty.reshape(lead), empty.clone().reshape(lead)
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(flat.shape[0], flat.shape[1], V)
-    logp, entropy = _LinearLogprobEntropy.apply(
-        flat, weight, bias, flat_targets, float(temperature), int(chunk_rows), block_v
-    )
+    # The Function's matmuls run in the dtype chosen above, in forward and in the backward recompute alike.
+    with torch.autocast(flat.device.type, enabled=False):
+        logp, entropy = _LinearLogprobEntropy.apply(
+            flat, weight, bias, flat_targets, float(temperature), int(chunk_rows), block_v
+        )
     return logp.reshape(lead), entropy.reshape(lead)
+
+
+def _matmul_dtype(hidden, weight, bias):
+    """Inputs in one dtype: autocast's when it is enabled (as nn.Linear would), else they must already agree."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise ValueError(f"hidden, weight and bias must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    return hidden, weight, bias

@@ -159,3 +159,31 @@ def test_user_errors_are_value_errors():
         op(hidden, weight, targets, chunk_rows=0)
     with pytest.raises(ValueError, match="targets"):
         op(hidden, weight, targets[:3])
+
+
+def test_autocast_computes_in_the_autocast_dtype_and_returns_input_dtype_grads():
+    hidden, weight, _, targets, upstream, _ = _inputs(12, 16, 200, torch.float32, False, False)
+    results = []
+    for fn in (_op(), reference.linear_logprob_entropy):
+        h = hidden.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp, ent = fn(h, weight, targets, None, 1.3)  # the temperature _run uses for the gold
+        (logp * upstream[0] + ent * upstream[1]).sum().backward()
+        results.append((logp.detach(), h.grad))
+    (k_logp, k_grad), (r_logp, r_grad) = results
+    assert k_logp.dtype == torch.float32 and k_grad.dtype == torch.float32
+    gold = _run(reference.linear_logprob_entropy, hidden, weight, None, targets, upstream, False)
+    # bf16 logits like the reference: an error of bf16 size, no larger than the reference's.
+    assert 1e-4 < max_err(k_logp, gold[0]) <= 2 * max_err(r_logp, gold[0]) + 1e-3
+    assert max_err(k_grad, r_grad) < 5e-2
+
+
+def test_weight_and_bias_gradients_without_hidden_gradient():
+    hidden, weight, bias, targets, upstream, _ = _inputs(6, 8, 100, torch.float32, True, True)
+    grads = []
+    for fn in (_op(), reference.linear_logprob_entropy):
+        w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        logp, ent = fn(hidden, w, targets, b, chunk_rows=4)
+        (logp * upstream[0] + ent * upstream[1]).sum().backward()
+        grads.append((w.grad, b.grad))
+    assert max_err(grads[0][0], grads[1][0]) < 1e-5 and max_err(grads[0][1], grads[1][1]) < 1e-5
