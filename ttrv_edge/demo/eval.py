@@ -1,0 +1,163 @@
+"""Evaluate one shift condition (model, corruption, severity, method, n scenes): ``ttrv-edge eval``.
+
+Methods, all through the public adaptation engine (``ttrv_edge.adapt.Adapter`` behind ``TTRVAdapter``):
+
+- ``base``: no adaptation. Reports greedy accuracy, self-consistency (majority of N samples), the sampled accuracy
+  (mean correctness of the N samples, what TTRL reports) and the answer entropy of the samples;
+- ``ttrl``: transductive GRPO with TTRL's 0/1 majority reward (``reward="majority"``);
+- ``ttrv``: transductive TTRV, frequency + alpha * entropy reward (``reward="ttrv"``);
+- ``ttrv-episodic``: single-example TTRV per scene (K steps, reset after every scene);
+- ``tent``: entropy minimisation on the same LoRA weights (TENT-style, the non-RL baseline): E epochs over the
+  set, each step minimises the mean token entropy of the model's own N sampled answers, computed by the same fused
+  kernel (``rollout.completion_logprobs``). TENT proper adapts batch-norm statistics; these models have none, so
+  the LoRA weights are what it trains, as the issue asks.
+
+Every method reports the same metrics after adaptation, and the base metrics of the same scenes before it, so one
+row of the table is "before -> after" on identical inputs. Scenes are ``scenes.make_scene(seed)`` for seeds
+``start .. start + n - 1`` (kinds mixed, drawn from the seed), then corrupted with ``shift.corrupt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+
+from ..adapt import Adapter, ItemResult, Prediction, PreparedItem, item_seed
+from ..config import TTRVConfig
+from ..rollout import completion_logprobs
+from .scenes import make_scene
+from .shift import corrupt
+
+__all__ = ["METHODS", "evaluate", "prepare_items", "summarise"]
+
+METHODS = ("base", "ttrl", "ttrv", "ttrv-episodic", "tent")
+
+
+def prepare_items(engine: Adapter, corruption: str, severity: int, n: int, start: int = 0):
+    """The ``n`` benchmark scenes under the corruption, encoded for the model; returns (items, correct letters)."""
+    items, answers = [], []
+    for seed in range(start, start + n):
+        scene = make_scene(seed)
+        image = corrupt(scene.image(), corruption, severity, seed=seed)
+        items.append(engine.prepare(f"scene-{seed}", image, scene.question))
+        answers.append(scene.answer)
+    return items, answers
+
+
+def answer_entropy(distribution: dict[str, float]) -> float:
+    """Entropy (nats) of a sampled answer distribution (unreadable answers count as one more answer)."""
+    return -sum(p * math.log(p) for p in distribution.values() if p > 0)
+
+
+def summarise(predictions: list[Prediction], answers: list[str]) -> dict:
+    """Accuracies (greedy, majority of samples, mean over samples) and mean answer entropy, as fractions."""
+    n = max(len(answers), 1)
+    return {
+        "greedy": sum(p.answer == a for p, a in zip(predictions, answers)) / n,
+        "majority": sum(p.majority == a for p, a in zip(predictions, answers)) / n,
+        "sampled": sum(p.distribution.get(a, 0.0) for p, a in zip(predictions, answers)) / n,
+        "entropy": sum(answer_entropy(p.distribution) for p in predictions) / n,
+        "unreadable": sum(p.answer is None for p in predictions) / n,
+    }
+
+
+def _tent(engine: Adapter, items: list[PreparedItem]) -> list[ItemResult]:
+    """Entropy minimisation on the LoRA weights over the set (E epochs, ``batch_size`` inputs per step)."""
+    cfg = engine.config
+    results = [
+        ItemResult(
+            it.label, it.question.text, list(it.question.choices or []), engine.predict(it, item_seed(cfg.seed, 0, i))
+        )
+        for i, it in enumerate(items)
+    ]
+    order_rng = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(items), generator=order_rng).tolist()
+        for b in range(0, len(order), cfg.batch_size):
+            groups = [
+                engine.sample(items[i], item_seed(cfg.seed, 3, epoch, b, i))[0] for i in order[b : b + cfg.batch_size]
+            ]
+            engine.vlm.model.train()
+            total, tokens = 0.0, 0.0
+            for rollouts in groups:
+                _, entropy = completion_logprobs(engine.vlm, rollouts, temperature=cfg.temperature, backend=cfg.backend)
+                total = total + (entropy * rollouts.completion_mask).sum()
+                tokens += float(rollouts.completion_mask.sum())
+            engine.optimizer.zero_grad(set_to_none=True)
+            (total / max(tokens, 1.0)).backward()
+            if cfg.max_grad_norm > 0:
+                params = [p for p in engine.vlm.model.parameters() if p.requires_grad]
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            engine.optimizer.step()
+            engine.vlm.model.eval()
+    for i, it in enumerate(items):
+        results[i].after = engine.predict(it, item_seed(cfg.seed, 2, i))
+    return results
+
+
+def run_method(engine: Adapter, method: str, items: list[PreparedItem]) -> list[ItemResult]:
+    """Run ``method`` on the prepared items with the engine's config; the engine is reset first and after."""
+    if method not in METHODS:
+        raise ValueError(f"--method: must be one of {', '.join(METHODS)}, got {method!r}")
+    engine.reset()
+    try:
+        if method == "base":
+            cfg = engine.config
+            return [
+                ItemResult(it.label, it.question.text, None, engine.predict(it, item_seed(cfg.seed, 0, i)))
+                for i, it in enumerate(items)
+            ]
+        if method == "ttrv-episodic":
+            return [engine.adapt_episode(it, index=i) for i, it in enumerate(items)]
+        if method == "tent":
+            return _tent(engine, items)
+        return engine.adapt_transductive(items)
+    finally:
+        engine.reset()
+
+
+def method_config(config: TTRVConfig, method: str) -> TTRVConfig:
+    """The config a method runs with: TTRL switches the reward to the 0/1 majority, the rest keep ``config``."""
+    if method == "ttrl":
+        return dataclasses.replace(config, reward="majority", alpha=0.0)
+    if method in ("ttrv", "ttrv-episodic"):
+        return dataclasses.replace(config, reward="ttrv")
+    return config
+
+
+def evaluate(
+    engine: Adapter, corruption: str, severity: int, method: str, n: int = 64, start: int = 0, items=None
+) -> dict:
+    """Accuracy of ``method`` on ``n`` scenes under (corruption, severity): before and after adaptation."""
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    base_config = engine.config
+    if items is None:
+        items, answers = prepare_items(engine, corruption, severity, n, start)
+    else:
+        items, answers = items
+    engine.config = method_config(base_config, method)
+    started = time.perf_counter()
+    try:
+        results = run_method(engine, method, items)
+    finally:
+        engine.config = base_config
+    seconds = time.perf_counter() - started
+    before = summarise([r.before for r in results], answers)
+    after = summarise([r.after or r.before for r in results], answers)
+    steps = [s for r in results for s in r.steps]
+    return {
+        "corruption": corruption,
+        "severity": severity,
+        "method": method,
+        "n": len(items),
+        "before": before,
+        "after": after,
+        "updates": sum(s.updated for s in steps),
+        "seconds": round(seconds, 2),
+        "seconds_per_item": round(seconds / max(len(items), 1), 3),
+        "config": engine.config.to_dict() if method == "base" else method_config(base_config, method).to_dict(),
+    }
