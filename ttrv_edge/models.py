@@ -254,7 +254,12 @@ def load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the tiny aliases to their built directory; check local paths; pass hub ids through."""
+    """Map "demo" to the packaged demo model and the tiny aliases to their built directory; check local paths; pass
+    hub ids through."""
+    if name_or_path == "demo":
+        from .demo import demo_model_dir
+
+        return str(demo_model_dir())
     if name_or_path in TINY_NAMES:
         from .tiny import ensure_tiny_vlm
 
