@@ -23,6 +23,7 @@ from rich.table import Table
 
 from .answers import DEFAULT_QUESTION, Question, parse_options
 from .config import TTRVConfig
+from .demo.commands import register as register_demo_commands
 
 app = typer.Typer(
     name="ttrv-edge",
@@ -215,6 +216,9 @@ def _print_table(report: dict) -> None:
 def _describe(prediction: dict) -> str:
     top = next(iter(prediction["distribution"].items()), ("-", 0.0))
     return f"{prediction['answer']}  (samples: {top[0]} {top[1]:.0%})"
+
+
+register_demo_commands(app)  # demo-train, eval (ttrv_edge/demo/commands.py)
 
 
 def _quiet_libraries() -> None:
