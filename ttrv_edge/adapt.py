@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from . import kernels
 from .answers import Question, answer_distribution, majority_answer
 from .checkpoints import RunCheckpoint, save_adapter
 from .config import TTRVConfig
 from .guards import CollapseGuard, guarded_update, take_snapshot
+from .memory import MemoryPlanner, run_with_backoff
 from .models import LoadedVLM, load_lora_state, lora_state
 from .rewards import compute_rewards
-from .rollout import Rollouts, completion_logprobs, greedy_text, sample_rollouts
+from .rollout import Rollouts, greedy_text, grpo_backward, sample_rollouts, score_rollouts, train_shape
 
 Progress = Callable[[int], None]
 """Called with the number of work units just finished (one unit = one sampling round)."""
@@ -116,6 +116,7 @@ class Adapter:
         self.config = config
         self.initial_state = lora_state(vlm.model)
         self.optimizer = self._new_optimizer()
+        self.memory = MemoryPlanner.for_config(vlm, config)  # micro-batch sizes, peaks, OOM back-off
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.vlm.model.parameters() if p.requires_grad]
@@ -159,80 +160,73 @@ class Adapter:
             temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens,
             seed=seed,
+            memory=self.memory,
         )
         return rollouts, [item.question.extract(t) for t in rollouts.texts]
 
     def update(self, groups: list[tuple[Rollouts, list[str | None]]]) -> tuple[float | None, float, list[float]]:
-        """One GRPO update on the sampled groups. Returns (loss or None if skipped, mean reward, entropies)."""
+        """One GRPO update on the sampled groups. Returns (loss or None if skipped, mean reward, entropies).
+
+        The loss forward/backward runs in micro-batches of rollouts sized by ``self.memory`` (the memory budget),
+        gradients accumulating over them, so the update equals the one-batch update. An out-of-memory error halves
+        the micro-batch and redoes the pass from its start (``run_with_backoff``): the step is never lost. The
+        self-certainty reward needs every rollout's token entropy before the first backward, so it comes from a
+        no-grad scoring pass, which also gives the old log-probs.
+        """
         cfg = self.config
-        answers = [a for _, a in groups]
-        total_tokens = sum(float(r.completion_mask.sum()) for r, _ in groups)
+        rollouts = [r for r, _ in groups]
+        shape = train_shape(self.vlm, rollouts)
+        size = self.memory.micro_batch("train", max(r.num for r in rollouts), shape)
+        old = token_entropy = None
+        if cfg.entropy_signal == "self-certainty":
+            scored, size = self._with_backoff(lambda n: [self._score(r, n) for r in rollouts], size, shape)
+            old = [logp for logp, _ in scored]
+            entropies = [_mean_over_tokens(e, r.completion_mask) for (_, e), r in zip(scored, rollouts)]
+            token_entropy = torch.stack(entropies)
+        rewards = compute_rewards(
+            [a for _, a in groups],
+            reward=cfg.reward,
+            alpha=cfg.alpha,
+            entropy_signal=cfg.entropy_signal,
+            token_entropy=token_entropy,
+            baseline=cfg.baseline,
+            backend=cfg.backend,
+        )
+        if not bool((rewards.advantages.abs() > 0).any()) or not any(bool(r.completion_mask.any()) for r in rollouts):
+            return None, float(rewards.rewards.mean()), rewards.answer_entropy.tolist()
+        refs = None
+        if cfg.beta > 0:
+            with self.vlm.model.disable_adapter():
+                refs, size = self._with_backoff(lambda n: [self._score(r, n)[0] for r in rollouts], size, shape)
         loss_value = None
-        for inner in range(cfg.inner_updates):
+        for _ in range(cfg.inner_updates):
+
+            def attempt(n: int, old=old):
+                self.optimizer.zero_grad(set_to_none=True)  # a retry after an OOM starts from clean gradients
+                return grpo_backward(self.vlm, rollouts, rewards.advantages, cfg, n, old_logp=old, ref_logp=refs)
+
             self.vlm.model.train()
-            scored = [
-                completion_logprobs(self.vlm, r, temperature=cfg.temperature, backend=cfg.backend) for r, _ in groups
-            ]
-            if inner == 0:
-                old = [logp.detach() for logp, _ in scored]
-                token_entropy = torch.stack(
-                    [_mean_over_tokens(ent.detach(), r.completion_mask) for (_, ent), (r, _) in zip(scored, groups)]
-                )
-                rewards = compute_rewards(
-                    answers,
-                    reward=cfg.reward,
-                    alpha=cfg.alpha,
-                    entropy_signal=cfg.entropy_signal,
-                    token_entropy=token_entropy,
-                    baseline=cfg.baseline,
-                    backend=cfg.backend,
-                )
-                if not bool((rewards.advantages.abs() > 0).any()) or total_tokens == 0:
-                    self.vlm.model.eval()
-                    return None, float(rewards.rewards.mean()), rewards.answer_entropy.tolist()
-                refs = self._reference_logprobs(groups)
-            loss = 0.0
-            for g, ((logp, _), (rollouts, _)) in enumerate(zip(scored, groups)):
-                group_loss, _ = kernels.grpo_loss(
-                    logp,
-                    old[g],
-                    rewards.advantages[g].to(logp.device),
-                    rollouts.completion_mask,
-                    eps_low=cfg.eps_low,
-                    eps_high=cfg.eps_high,
-                    ref_logp=refs[g],
-                    beta=cfg.beta,
-                    aggregation=cfg.aggregation,
-                    backend=cfg.backend,
-                )
-                loss = loss + group_loss * self._group_weight(rollouts, groups, total_tokens)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                (loss_value, logps), size = self._with_backoff(attempt, size, shape)
+            finally:
+                self.vlm.model.eval()
+            old = old if old is not None else logps
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in self.vlm.model.parameters() if p.requires_grad], cfg.max_grad_norm
                 )
             self.optimizer.step()
-            loss_value = float(loss.detach())
-        self.vlm.model.eval()
         return loss_value, float(rewards.rewards.mean()), rewards.answer_entropy.tolist()
 
-    def _group_weight(self, rollouts: Rollouts, groups, total_tokens: float) -> float:
-        """Weight of one group's loss so the sum over groups is the batch's token-mean (or sequence-mean)."""
-        if self.config.aggregation == "token-mean":
-            return float(rollouts.completion_mask.sum()) / total_tokens
-        sequences = [float((r.completion_mask.sum(-1) > 0).sum()) for r, _ in groups]
-        return float((rollouts.completion_mask.sum(-1) > 0).sum()) / max(sum(sequences), 1.0)
+    def _score(self, rollouts: Rollouts, micro_batch: int):
+        cfg = self.config
+        return score_rollouts(
+            self.vlm, rollouts, temperature=cfg.temperature, backend=cfg.backend, micro_batch=micro_batch
+        )
 
-    def _reference_logprobs(self, groups) -> list[torch.Tensor | None]:
-        """Log-probs under the adapter-disabled model (the KL reference), only when beta > 0."""
-        if self.config.beta == 0:
-            return [None] * len(groups)
-        with torch.no_grad(), self.vlm.model.disable_adapter():
-            return [
-                completion_logprobs(self.vlm, r, temperature=self.config.temperature, backend=self.config.backend)[0]
-                for r, _ in groups
-            ]
+    def _with_backoff(self, attempt, size: int, shape):
+        """``attempt(size)`` measured as the "train" phase, halving ``size`` on out-of-memory; (result, size)."""
+        return run_with_backoff(attempt, size, phase="train", shape=shape, planner=self.memory, device=self.vlm.device)
 
     def step(self, items: list[PreparedItem], step: int, seed: int) -> StepRecord:
         """Sample every item's rollouts, then one update on all of them."""

@@ -77,6 +77,20 @@ class TTRVConfig:
     checkpoint_every: int = _help(
         "transductive mode with a checkpoint folder: steps between checkpoints (LoRA + optimizer state)", 1
     )
+    memory_budget: str | None = _help(
+        "memory budget such as '4GB' or '512MB' (GPU: tensor bytes; CPU: process RSS): sizes the sampling and loss "
+        "micro-batches to fit (None = no limit; an out-of-memory error halves a micro-batch either way)",
+        None,
+    )
+    quantize: str = _help(
+        "base weights of the language model: 'none', 'int8'/'int4' (optimum-quanto, CPU or GPU), 'nf4' "
+        "(bitsandbytes 4-bit, CUDA only: QLoRA); the vision tower and lm_head stay unquantized",
+        "none",
+    )
+    sample_micro_batch: int | None = _help("rollouts decoded at once (None = chosen from the memory budget)", None)
+    train_micro_batch: int | None = _help(
+        "rollouts per loss forward/backward, gradients accumulated (None = chosen from the memory budget)", None
+    )
 
     def __post_init__(self) -> None:
         positive_ints = ("rollouts", "steps", "epochs", "batch_size", "lora_rank", "max_new_tokens", "inner_updates")
@@ -106,6 +120,19 @@ class TTRVConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         self._check_reliability()
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        from .memory import parse_memory_budget
+        from .quantize import QUANTIZE_MODES
+
+        parse_memory_budget(self.memory_budget)
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}; got {self.quantize!r}")
+        for name in ("sample_micro_batch", "train_micro_batch"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{_flag(name)} must be a positive integer or None, got {value!r}")
 
     def _check_reliability(self) -> None:
         for name in ("collapse_min_inputs", "checkpoint_every"):

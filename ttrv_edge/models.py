@@ -355,11 +355,13 @@ def _default_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dty
     return torch.float32
 
 
-def _load_base(path: str, dtype: torch.dtype, trust_remote_code: bool):
+def _load_base(path: str, dtype: torch.dtype, trust_remote_code: bool, **extra):
     from transformers import AutoModelForImageTextToText
 
     try:
-        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, **extra
+        )
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"--model: cannot load {path} as an image-text-to-text model ({first})") from exc
@@ -411,16 +413,23 @@ def load_vlm(
     dtype: torch.dtype | None = None,
     device: str | None = None,
     adapter: str | None = None,
+    quantize: str = "none",
 ) -> LoadedVLM:
     """Load an image-text-to-text model from a directory, a hub id, or "tiny"/"tiny-qwen2-vl", with LoRA attached.
 
     LoRA (rank ``lora_rank``, alpha ``2 * lora_rank`` unless given) goes on the q/k/v/o projections of the language
     model; ``adapter`` loads a saved peft adapter directory instead. Everything else is frozen. dtype defaults to
-    fp32 on CPU and bf16 on CUDA; the model is in eval mode.
+    fp32 on CPU and bf16 on CUDA; the model is in eval mode. ``quantize`` ("int8"/"int4": optimum-quanto, "nf4":
+    bitsandbytes on CUDA) quantizes the language model's base weights before LoRA is attached; the vision tower and
+    lm_head stay unquantized (see ttrv_edge/quantize.py).
     """
+    from .quantize import check_quantize, load_kwargs, quantize_text_model
+
     path = resolve_model_path(name_or_path)
     dev = _default_device(device)
-    base = _load_base(path, _default_dtype(dtype, dev), trust_remote_code)
+    check_quantize(quantize, dev)
+    dtype = _default_dtype(dtype, dev)
+    base = _load_base(path, dtype, trust_remote_code, **load_kwargs(quantize, dev, dtype))
     try:
         processor = load_processor(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -431,6 +440,8 @@ def load_vlm(
         base.generation_config.pad_token_id = tokenizer.pad_token_id
     for p in base.parameters():
         p.requires_grad_(False)
+    if quantize in ("int8", "int4"):
+        quantize_text_model(base.to(dev), quantize)
     eos = LoadedVLM(base, processor, tokenizer, name_or_path).eos_token_ids
     suppress = set(base.generation_config.suppress_tokens or []) | set(
         _suppress_ids(base.config, processor, tokenizer, eos)
@@ -440,6 +451,7 @@ def load_vlm(
     _check_lora_placement(model)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
-    model.to(dev)
+    if quantize != "nf4":  # bitsandbytes placed the nf4 model while loading
+        model.to(dev)
     model.eval()
     return LoadedVLM(model=model, processor=processor, tokenizer=tokenizer, name=name_or_path)

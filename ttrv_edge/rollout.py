@@ -1,24 +1,44 @@
-"""Sampling rollouts and scoring their completion tokens.
+"""Sampling rollouts from a shared prompt prefix, and scoring their completion tokens.
 
-``sample_rollouts`` draws N answers for one prompt; ``completion_logprobs`` computes each completion token's
-log-prob and entropy under the current policy from the language model's last hidden states through
-``kernels.linear_logprob_entropy``, so the [N, T, V] logits tensor of a plain forward never exists.
+``sample_rollouts`` draws N answers for one prompt. The image is encoded and the prompt prefilled once (batch 1,
+``input_ids[:, :-1]`` into a KV cache); the cache is then expanded to each micro-batch of rows and the N
+continuations are sampled from it by ``generate``, which feeds only the last prompt token and the new ones. Plain
+``generate(num_return_sequences=N)`` instead repeats the inputs, image included, N times before the prefill. With
+Qwen2-VL the 3-D rope offset (``rope_deltas``) that the prefill stores on the model carries over to the decode
+steps; a test checks that the decode logits equal plain ``generate``'s. The cache argument is named ``cache`` from
+transformers 5.24 (``past_key_values`` before); both are supported.
+
+``completion_logprobs`` computes each completion token's log-prob and entropy under the current policy from the
+language model's last hidden states through ``kernels.linear_logprob_entropy``, so the [N, T, V] logits of a plain
+forward never exist. The prompt positions must be recomputed with grad (their hidden states depend on LoRA), but the
+frozen vision tower's output does not: ``shared_vision`` runs the tower on one copy of the image and tiles its
+output for the N rows (forward hooks on the tower module, removed on exit), instead of encoding the image N times.
 
 Sampling uses the full distribution at the given temperature (no top-k or top-p truncation), so the sampling
 policy is the policy whose log-probs the loss uses, with one exception: image placeholders and padding
 (``LoadedVLM.suppress_token_ids``, set in the generation config by ``load_vlm``) are never sampled. A trained model
 never emits them, a random or shifted one may, and an image token in a completion would break the next forward.
 Their probability mass is tiny for a real model, so the log-probs of the loss ignore the suppression.
+
+Micro-batches change how the sampler's random stream is consumed: the same seed and the same micro-batch size give
+the same rollouts; a different micro-batch size gives different (equally valid) rollouts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import kernels
-from .models import LoadedVLM, backbone_hidden_states, lm_head, sequence_inputs
+from .memory import MemoryPlanner, WorkShape, chunks, run_with_backoff
+from .models import LoadedVLM, _base, _inner, backbone_hidden_states, lm_head, sequence_inputs
+
+VISION_TOWERS = ("vision_model", "visual", "vision_tower")
+"""Attribute names of the vision encoder on a VLM's inner model (Idefics3/SmolVLM, Qwen2-VL, LLaVA/InternVL)."""
 
 
 @dataclass
@@ -38,6 +58,15 @@ class Rollouts:
     def prompt_length(self) -> int:
         return self.prompt_inputs["input_ids"].shape[1]
 
+    def select(self, rows: slice) -> Rollouts:
+        """The rollouts ``rows`` of this group (same prompt)."""
+        return replace(
+            self,
+            completion_ids=self.completion_ids[rows],
+            completion_mask=self.completion_mask[rows],
+            texts=self.texts[rows],
+        )
+
 
 def completion_mask(completions: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """1.0 for every token up to and including the first EOS of each row, 0.0 after it."""
@@ -46,70 +75,339 @@ def completion_mask(completions: torch.Tensor, eos_ids: list[int]) -> torch.Tens
     return (~after_eos).float()
 
 
-def _generate(vlm: LoadedVLM, inputs: dict, num: int, max_new_tokens: int, temperature: float | None):
-    sampling = temperature is not None
-    kwargs = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        num_return_sequences=num,
-        eos_token_id=vlm.eos_token_ids,
-        pad_token_id=vlm.pad_token_id,
-    )
-    if sampling:
-        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-    with torch.no_grad():
-        sequences = vlm.model.generate(**inputs, **kwargs)
-    completions = sequences[:, inputs["input_ids"].shape[1] :]
-    mask = completion_mask(completions, vlm.eos_token_ids)
-    texts = decode(vlm, completions, mask)
-    return completions, mask, texts
-
-
 def decode(vlm: LoadedVLM, completions: torch.Tensor, mask: torch.Tensor) -> list[str]:
     """The completions' text, special tokens (EOS, padding) removed."""
     rows = [ids[m.bool()].tolist() for ids, m in zip(completions, mask)]
     return vlm.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def cache_argument(model) -> str:
+    """The name under which this transformers version's forward/generate takes a KV cache."""
+    return "cache" if "cache" in inspect.signature(_base(model).forward).parameters else "past_key_values"
+
+
+def _generation_kwargs(vlm: LoadedVLM, max_new_tokens: int, temperature: float | None) -> dict:
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature is not None,
+        eos_token_id=vlm.eos_token_ids,
+        pad_token_id=vlm.pad_token_id,
+    )
+    if temperature is not None:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    return kwargs
+
+
+def prefill(vlm: LoadedVLM, inputs: dict):
+    """KV cache of the prompt minus its last token, image included (batch 1, no grad, no logits)."""
+    prefix = dict(inputs)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in prefix and torch.is_tensor(prefix[key]):
+            prefix[key] = prefix[key][:, :-1]
+    prefix = {k: v for k, v in prefix.items() if v is not None}
+    inner = _inner(vlm.model)
+    if "mm_token_type_ids" in prefix and "mm_token_type_ids" not in inspect.signature(inner.forward).parameters:
+        del prefix["mm_token_type_ids"]
+    with torch.no_grad():
+        out = inner(**prefix, use_cache=True, return_dict=True)
+    cache = out.get("cache", None) if "cache" in out else out.get("past_key_values", None)
+    if cache is None:
+        raise TypeError(f"{type(inner).__name__} returned no KV cache from its prefill")
+    return cache
+
+
+def expand_cache(cache, rows: int):
+    expanded = copy.deepcopy(cache)
+    if rows > 1:
+        expanded.batch_repeat_interleave(rows)
+    return expanded
+
+
+def _decode_from(vlm: LoadedVLM, inputs: dict, cache, rows: int, kwargs: dict) -> torch.Tensor:
+    """``rows`` continuations of the prompt decoded from its prefilled ``cache``: [rows, t] new tokens."""
+    ids = inputs["input_ids"]
+    attention = inputs.get("attention_mask")
+    call = {"input_ids": ids.repeat(rows, 1), cache_argument(vlm.model): expand_cache(cache, rows)}
+    if attention is not None:
+        call["attention_mask"] = attention.repeat(rows, 1)
+    with torch.no_grad():
+        sequences = vlm.model.generate(**call, **kwargs)
+    return sequences[:, ids.shape[1] :]
+
+
+def _decode_plain(vlm: LoadedVLM, inputs: dict, rows: int, kwargs: dict) -> torch.Tensor:
+    """``rows`` continuations by plain ``generate(num_return_sequences=rows)`` (inputs and image repeated)."""
+    with torch.no_grad():
+        sequences = vlm.model.generate(**inputs, num_return_sequences=rows, **kwargs)
+    return sequences[:, inputs["input_ids"].shape[1] :]
+
+
+def _pad_columns(parts: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    width = max(p.shape[1] for p in parts)
+    padded = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_id) for p in parts]
+    return torch.cat(padded, dim=0)
+
+
+def work_shape(vlm: LoadedVLM, inputs: dict, new_tokens: int) -> WorkShape:
+    """The ``WorkShape`` of one prompt (for the memory planner)."""
+    vision = getattr(_base(vlm.model).config, "vision_config", None)
+    patch = int(getattr(vision, "patch_size", 0) or 0)
+    temporal = int(getattr(vision, "temporal_patch_size", 1) or 1)
+    return WorkShape.of(inputs, new_tokens, patch, temporal)
+
+
+def generate_completions(
+    vlm: LoadedVLM,
+    inputs: dict,
+    num: int,
+    *,
+    max_new_tokens: int,
+    temperature: float | None,
+    seed: int | None = None,
+    micro_batch: int | None = None,
+    shared_prefix: bool = True,
+    memory: MemoryPlanner | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` completions [num, T] and their masks, decoded in micro-batches (greedy when temperature is None).
+
+    ``shared_prefix``: prefill the prompt once and decode every micro-batch from that cache; otherwise plain
+    ``generate(num_return_sequences=...)``. The micro-batch size is ``micro_batch``, else the planner's choice,
+    else ``num``; an out-of-memory error halves it and restarts sampling from ``seed``.
+    """
+    kwargs = _generation_kwargs(vlm, max_new_tokens, temperature)
+    shape = work_shape(vlm, inputs, max_new_tokens)
+    rows = micro_batch or (memory.micro_batch("sample", num, shape) if memory is not None else num)
+    prefix = None
+
+    def attempt(size: int) -> list[torch.Tensor]:
+        nonlocal prefix
+        if seed is not None:
+            torch.manual_seed(seed)
+        if shared_prefix and prefix is None:
+            prefix = prefill(vlm, inputs)
+        parts = []
+        for part in chunks(num, size):
+            count = part.stop - part.start
+            if shared_prefix:
+                parts.append(_decode_from(vlm, inputs, prefix, count, kwargs))
+            else:
+                parts.append(_decode_plain(vlm, inputs, count, kwargs))
+        return parts
+
+    parts, _ = run_with_backoff(attempt, min(rows, num), phase="sample", shape=shape, planner=memory, device=vlm.device)
+    completions = _pad_columns(parts, vlm.pad_token_id)
+    return completions, completion_mask(completions, vlm.eos_token_ids)
+
+
 def sample_rollouts(
-    vlm: LoadedVLM, inputs: dict, num: int, *, temperature: float, max_new_tokens: int, seed: int
+    vlm: LoadedVLM,
+    inputs: dict,
+    num: int,
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    micro_batch: int | None = None,
+    shared_prefix: bool = True,
+    memory: MemoryPlanner | None = None,
 ) -> Rollouts:
     """Sample ``num`` completions of the prompt ``inputs`` (batch of 1) at ``temperature``, reproducibly."""
-    torch.manual_seed(seed)
-    completions, mask, texts = _generate(vlm, inputs, num, max_new_tokens, temperature)
+    completions, mask = generate_completions(
+        vlm,
+        inputs,
+        num,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        micro_batch=micro_batch,
+        shared_prefix=shared_prefix,
+        memory=memory,
+    )
+    texts = decode(vlm, completions, mask)
     return Rollouts(prompt_inputs=inputs, completion_ids=completions, completion_mask=mask, texts=texts)
 
 
 def greedy_text(vlm: LoadedVLM, inputs: dict, *, max_new_tokens: int) -> str:
-    """The greedy (temperature 0) answer text for the prompt ``inputs``."""
-    _, _, texts = _generate(vlm, inputs, 1, max_new_tokens, None)
-    return texts[0]
+    """The greedy (temperature 0) answer text for the prompt ``inputs`` (one row: nothing to share)."""
+    completions, mask = generate_completions(
+        vlm, inputs, 1, max_new_tokens=max_new_tokens, temperature=None, shared_prefix=False
+    )
+    return decode(vlm, completions, mask)[0]
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def vision_tower(model):
+    """The vision encoder module of a VLM (None when it has none of the known names)."""
+    inner = _inner(model)
+    for name in VISION_TOWERS:
+        module = getattr(inner, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+def _take_first(value, copies: int):
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] % copies == 0:
+        return value[: value.shape[0] // copies]
+    return value
+
+
+def _tile(value, copies: int):
+    if torch.is_tensor(value):
+        return value.repeat(copies, *([1] * (value.dim() - 1))) if value.dim() > 0 else value
+    if isinstance(value, tuple) and not hasattr(value, "keys"):
+        return type(value)(_tile(v, copies) for v in value)
+    if hasattr(value, "keys"):  # a transformers ModelOutput
+        for key in list(value.keys()):
+            value[key] = _tile(value[key], copies)
+        return value
+    return value
+
+
+@contextmanager
+def shared_vision(model, copies: int):
+    """Inside this block the vision tower encodes one of ``copies`` identical stacked image inputs and tiles its
+    output ``copies`` times: exact for a frozen tower, and ``copies - 1`` image encodings cheaper."""
+    tower = vision_tower(model) if copies > 1 else None
+    if tower is None:
+        yield
+        return
+
+    def before(module, args, kwargs):
+        return tuple(_take_first(a, copies) for a in args), {k: _take_first(v, copies) for k, v in kwargs.items()}
+
+    def after(module, args, kwargs, output):
+        return _tile(output, copies)
+
+    handles = [
+        tower.register_forward_pre_hook(before, with_kwargs=True),
+        tower.register_forward_hook(after, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def completion_logprobs(
-    vlm: LoadedVLM, rollouts: Rollouts, *, temperature: float, backend: str = "auto"
+    vlm: LoadedVLM, rollouts: Rollouts, *, temperature: float, backend: str = "auto", share_vision: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy [N, T] (fp32, zero where masked) of each completion token under the current policy.
 
-    Runs the backbone on prompt + completion, takes the hidden states that predict the completion tokens, keeps
-    only the unmasked ones, and maps them to log-probs with the fused lm_head kernel. Differentiable w.r.t. the
-    LoRA weights when grad is enabled.
+    Runs the backbone on prompt + completion (trailing all-padding columns dropped), takes the hidden states that
+    predict the completion tokens, keeps only the unmasked ones, and maps them to log-probs with the fused lm_head
+    kernel. Differentiable w.r.t. the LoRA weights when grad is enabled. ``share_vision``: encode the image once
+    for the N rows (``shared_vision``) instead of N times.
     """
     ids, mask = rollouts.completion_ids, rollouts.completion_mask
+    width = int(mask.sum(0).nonzero().max()) + 1 if bool(mask.any()) else 0
+    logp = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    entropy = torch.zeros_like(logp)
+    if width == 0:
+        return logp, entropy
+    kept_ids, kept_mask = ids[:, :width], mask[:, :width]
     prompt = rollouts.prompt_inputs
-    sequences = torch.cat([prompt["input_ids"].expand(rollouts.num, -1), ids], dim=1)
+    sequences = torch.cat([prompt["input_ids"].expand(rollouts.num, -1), kept_ids], dim=1)
     prompt_mask = prompt["attention_mask"].expand(rollouts.num, -1)
-    attention = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
-    hidden = backbone_hidden_states(vlm.model, **sequence_inputs(prompt, sequences, attention))
+    attention = torch.cat([prompt_mask, kept_mask.to(prompt_mask.dtype)], dim=1)
+    with shared_vision(vlm.model, rollouts.num if share_vision else 1):
+        hidden = backbone_hidden_states(vlm.model, **sequence_inputs(prompt, sequences, attention))
     start = rollouts.prompt_length - 1
-    predicting = hidden[:, start : start + ids.shape[1]]
-    keep = mask.bool()
+    predicting = hidden[:, start : start + width]
+    keep = kept_mask.bool()
     head = lm_head(vlm.model)
     logp_kept, entropy_kept = kernels.linear_logprob_entropy(
-        predicting[keep], head.weight, ids[keep], head.bias, temperature=temperature, backend=backend
+        predicting[keep], head.weight, kept_ids[keep], head.bias, temperature=temperature, backend=backend
     )
-    logp = torch.zeros(ids.shape, dtype=torch.float32, device=hidden.device)
-    entropy = torch.zeros_like(logp)
-    logp = logp.masked_scatter(keep, logp_kept)
-    entropy = entropy.masked_scatter(keep, entropy_kept)
+    full_keep = torch.zeros_like(mask, dtype=torch.bool)
+    full_keep[:, :width] = keep
+    logp = logp.to(hidden.device).masked_scatter(full_keep, logp_kept)
+    entropy = entropy.to(hidden.device).masked_scatter(full_keep, entropy_kept)
     return logp, entropy
+
+
+# ---------------------------------------------------------------------------------------------- the loss, micro-batched
+
+
+def train_shape(vlm: LoadedVLM, groups: list[Rollouts]) -> WorkShape:
+    """The ``WorkShape`` of a loss forward over ``groups`` (longest prompt, widest completion)."""
+    first = work_shape(vlm, groups[0].prompt_inputs, 0)
+    prompt = max(r.prompt_length for r in groups)
+    width = max(r.completion_ids.shape[1] for r in groups)
+    return WorkShape(prompt, width, first.vision_tokens)
+
+
+def score_rollouts(
+    vlm: LoadedVLM, rollouts: Rollouts, *, temperature: float, backend: str, micro_batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``completion_logprobs`` without grad, ``micro_batch`` rows at a time: (logp, entropy) [N, T]."""
+    logps, entropies = [], []
+    with torch.no_grad():
+        for rows in chunks(rollouts.num, micro_batch):
+            logp, entropy = completion_logprobs(vlm, rollouts.select(rows), temperature=temperature, backend=backend)
+            logps.append(logp)
+            entropies.append(entropy)
+    return torch.cat(logps), torch.cat(entropies)
+
+
+def loss_weight(part: Rollouts, groups: list[Rollouts], aggregation: str) -> float:
+    """Weight of one micro-batch's aggregated loss so that the weighted sum over all micro-batches of all groups is
+    the batch's token-mean (or sequence-mean over sequences with at least one token)."""
+    if aggregation == "token-mean":
+        total = sum(float(r.completion_mask.sum()) for r in groups)
+        return float(part.completion_mask.sum()) / total if total else 0.0
+    total = sum(float((r.completion_mask.sum(-1) > 0).sum()) for r in groups)
+    return float((part.completion_mask.sum(-1) > 0).sum()) / total if total else 0.0
+
+
+def grpo_backward(
+    vlm: LoadedVLM,
+    groups: list[Rollouts],
+    advantages: torch.Tensor,
+    config,
+    micro_batch: int,
+    *,
+    old_logp: list[torch.Tensor] | None = None,
+    ref_logp: list[torch.Tensor] | None = None,
+) -> tuple[float, list[torch.Tensor]]:
+    """Backward of the clipped GRPO loss over ``groups``, ``micro_batch`` rollouts per forward, into ``.grad``.
+
+    Each micro-batch's loss is weighted by ``loss_weight`` and back-propagated at once, so its activations are freed
+    before the next one: the accumulated gradient is that of the one-batch loss. ``config`` supplies temperature,
+    eps_low/eps_high, beta, aggregation and backend. ``old_logp`` None means the current policy (ratio 1). The
+    caller zeroes the gradients first. Returns the loss value and the detached log-probs per group.
+    """
+    total = 0.0
+    logps = []
+    for g, rollouts in enumerate(groups):
+        group_logp = torch.zeros(rollouts.completion_ids.shape, dtype=torch.float32, device=vlm.device)
+        for rows in chunks(rollouts.num, micro_batch):
+            part = rollouts.select(rows)
+            weight = loss_weight(part, groups, config.aggregation)
+            if weight == 0.0:
+                continue
+            logp, _ = completion_logprobs(vlm, part, temperature=config.temperature, backend=config.backend)
+            group_logp[rows] = logp.detach()
+            old = logp.detach() if old_logp is None else old_logp[g][rows]
+            loss, _ = kernels.grpo_loss(
+                logp,
+                old,
+                advantages[g][rows].to(logp.device),
+                part.completion_mask,
+                eps_low=config.eps_low,
+                eps_high=config.eps_high,
+                ref_logp=None if ref_logp is None else ref_logp[g][rows],
+                beta=config.beta,
+                aggregation=config.aggregation,
+                backend=config.backend,
+            )
+            (loss * weight).backward()
+            total += float(loss.detach()) * weight
+        logps.append(group_logp)
+    return total, logps
