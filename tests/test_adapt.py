@@ -192,3 +192,17 @@ def test_training_logprobs_match_the_logits_seen_while_generating(arch_dir, requ
     logp, _ = completion_logprobs(vlm, rollouts, temperature=1.0, backend="torch")
     mask = rollouts.completion_mask.bool()
     torch.testing.assert_close(logp[mask], expected[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_triton_and_torch_backends_give_the_same_update(tiny_idefics3_dir, test_image):
+    """--backend triton (here under TRITON_INTERPRET=1) and --backend torch adapt to the same LoRA weights."""
+    states = []
+    for backend in ("torch", "triton"):
+        api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), backend=backend, keep=True, **CONFIG)
+        item = api._engine.prepare("img", test_image, ParityQuestion("Describe it."))
+        api._engine.adapt_episode(item)
+        states.append({n: p.detach().clone() for n, p in api.vlm.model.named_parameters() if "lora_" in n})
+    assert states[0].keys() == states[1].keys()
+    assert any(v.abs().sum() > 0 for n, v in states[0].items() if "lora_B" in n), "no update happened"
+    for name in states[0]:
+        torch.testing.assert_close(states[1][name], states[0][name], atol=1e-5, rtol=1e-4)
