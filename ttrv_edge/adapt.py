@@ -25,6 +25,7 @@ from .config import TTRVConfig
 from .guards import CollapseGuard, guarded_update, take_snapshot
 from .memory import MemoryPlanner, run_with_backoff
 from .models import LoadedVLM, load_lora_state, lora_state
+from .quantize import check_loaded
 from .rewards import compute_rewards
 from .rollout import Rollouts, greedy_text, grpo_backward, sample_rollouts, score_rollouts, train_shape
 
@@ -116,6 +117,7 @@ class Adapter:
         self.config = config
         self.initial_state = lora_state(vlm.model)
         self.optimizer = self._new_optimizer()
+        check_loaded(vlm.model, config.quantize)
         self.memory = MemoryPlanner.for_config(vlm, config)  # micro-batch sizes, peaks, OOM back-off
 
     def _new_optimizer(self) -> torch.optim.Optimizer:

@@ -22,7 +22,14 @@ import importlib.util
 
 import torch
 
-__all__ = ["QUANTIZE_MODES", "check_quantize", "is_quantized", "load_kwargs", "quantize_text_model"]
+__all__ = [
+    "QUANTIZE_MODES",
+    "check_loaded",
+    "check_quantize",
+    "is_quantized",
+    "load_kwargs",
+    "quantize_text_model",
+]
 
 QUANTIZE_MODES = ("none", "int8", "int4", "nf4")
 SKIP_MODULES = ("lm_head", "vision_model", "visual", "vision_tower", "connector", "multi_modal_projector", "merger")
@@ -89,8 +96,14 @@ def quantize_text_model(model, mode: str):
 
 
 def is_quantized(model) -> bool:
-    """Whether any weight of ``model`` is quantized (quanto tensor or bitsandbytes 4-bit parameter)."""
-    for p in model.parameters():
-        if type(p) not in (torch.Tensor, torch.nn.Parameter) or type(p).__name__ in ("Params4bit", "Int8Params"):
-            return True
-    return False
+    """Whether any weight of ``model`` is quantized (a quanto tensor or a bitsandbytes parameter subclass)."""
+    return any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in model.parameters())
+
+
+def check_loaded(model, mode: str) -> None:
+    """ValueError when a config asks for ``mode`` but ``model`` was loaded without it (a silent full-precision
+    run would break the memory budget it was chosen for)."""
+    if mode != "none" and not is_quantized(model):
+        raise ValueError(
+            f"--quantize {mode}: the model was loaded unquantized; load it with load_vlm(..., quantize={mode!r})"
+        )
