@@ -109,7 +109,6 @@ def consensus_of(answers: Sequence[str | None]) -> float:
 class Adapter:
     """Runs TTRV on a loaded VLM: holds the optimizer and the snapshot of the LoRA weights to reset to."""
 
-    last_answers: list[list[str | None]] | None = None  # each input's sampled answers in the latest ``step``
     last_run: dict | None = None  # what ``adapt_transductive`` reported about its last run (guards, resume)
 
     def __init__(self, vlm: LoadedVLM, config: TTRVConfig):
@@ -235,7 +234,6 @@ class Adapter:
         start = time.perf_counter()
         groups = [self.sample(item, item_seed(seed, i)) for i, item in enumerate(items)]
         consensus = sum(consensus_of(a) for _, a in groups) / len(groups)
-        self.last_answers = [a for _, a in groups]
         loss, mean_reward, entropies, skipped = guarded_update(self, groups)
         return StepRecord(
             step=step,
@@ -342,8 +340,7 @@ class Adapter:
                     record = self.step([items[i] for i in batch], step, item_seed(cfg.seed, 3, epoch, b))
                     for i in batch:
                         results[i].steps.append(record)
-                    guard.observe(batch, self.last_answers)
-                    stopped = self._check_collapse(guard, step + 1, per_epoch)
+                    stopped = self._check_collapse(guard, items, step + 1, per_epoch)
                     if store is not None and (stopped or (step + 1) % cfg.checkpoint_every == 0):
                         store.save(self.vlm.model, self.optimizer, step + 1, results, guard, stopped)
                 step += 1
@@ -367,11 +364,13 @@ class Adapter:
             progress(1)
         return ItemResult(item.label, item.question.text, _choices(item.question), before=before)
 
-    def _check_collapse(self, guard: CollapseGuard, steps_done: int, per_epoch: int) -> bool:
-        """Run the guard's check when due; on collapse roll back to its best snapshot and say to stop."""
-        if not guard.due(steps_done, per_epoch):
+    def _check_collapse(self, guard: CollapseGuard, items: list[PreparedItem], steps_done: int, per_epoch: int) -> bool:
+        """When due, sample every input with the current adapter and let the guard judge; on collapse roll back to
+        its best snapshot and say to stop."""
+        if not self.config.collapse_guard or not guard.due(steps_done, per_epoch):
             return False
-        if not guard.check(steps_done, self.vlm.model, self.optimizer).collapsed:
+        answers = [self.sample(item, item_seed(self.config.seed, 5, steps_done, i))[1] for i, item in enumerate(items)]
+        if not guard.check(steps_done, answers, self.vlm.model, self.optimizer).collapsed:
             return False
         guard.roll_back(steps_done, self.vlm.model, self.optimizer)
         return True

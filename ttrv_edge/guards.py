@@ -9,8 +9,8 @@ step is reported as skipped with the reason. The run continues with the next ste
 
 Collapse. The paper reports that long adaptation can collapse a model to one answer for every input (one dataset
 fell from 0.84 to 0.25). Without labels the symptom is still visible in the answers themselves: across the set, the
-inputs' majority answers stop being diverse. ``CollapseGuard`` keeps each input's latest sampled answer distribution
-(from the training steps, so it costs no extra sampling) and, every check, computes
+inputs' majority answers stop being diverse. At every check (once per epoch by default) the loop samples every
+input once with the current adapter (N rollouts, no update) and ``CollapseGuard`` computes, from those answers,
 
 - ``dominant_share``: the fraction of inputs whose majority answer is the most common majority answer;
 - ``majority_entropy``: the entropy (nats) of the inputs' majority answers;
@@ -23,7 +23,14 @@ It fires when, over at least ``collapse_min_inputs`` inputs with a readable answ
 ``collapse_share`` and ``majority_entropy`` has fallen to ``collapse_drop`` times its value before adaptation or
 less. Comparing with the start keeps a set whose inputs already agreed (say, all cats) from looking like a collapse:
 when the majority answers had no diversity to begin with, the guard cannot tell and never fires. On firing the run
-stops and rolls back to the checkpoint with the best score (the start of the run counts as one).
+stops and rolls back to the snapshot with the best score (the start of the run counts as one, scored by the answers
+given before adaptation).
+
+Why a sampling pass of its own: the answers sampled by the training steps come from weights that changed during the
+epoch, so statistics built from them lag the weights; in a test where the model collapsed after one step, the best
+score by those lagging answers belonged to already-collapsed weights and the rollback restored a collapsed adapter.
+Scoring each snapshot by answers sampled from exactly those weights costs one sampling pass over the set per check
+(about half the cost of an epoch, which also samples and then trains) and makes the rollback target right.
 
 Deviation: unreadable rollouts are left out of these statistics (an input whose rollouts are all unreadable is
 left out of the check), so a model whose outputs turn to unreadable text is not caught by this guard.
@@ -122,7 +129,7 @@ def guarded_update(adapter, groups) -> tuple[float | None, float | None, list[fl
 
 def entropy(probabilities) -> float:
     """Shannon entropy in nats of a sequence of probabilities (zeros ignored)."""
-    return -sum(p * math.log(p) for p in probabilities if p > 0)
+    return max(0.0, -sum(p * math.log(p) for p in probabilities if p > 0))
 
 
 def _valid(distribution: dict[str, float]) -> dict[str, float]:
@@ -176,26 +183,21 @@ class CollapseGuard:
 
     def __init__(self, config, before: Sequence[dict[str, float]], start: Snapshot | None):
         self.config = config
-        self.latest = [dict(d) for d in before]
-        self.initial = diversity(self.latest, 0)
+        self.initial = diversity(before, 0)
         self.history = [self.initial]
         self.best_step = 0
         self.best_score = self.initial.score
         self.best = start
         self.collapse: dict | None = None
 
-    def observe(self, indices: Sequence[int], answers: Sequence[Sequence[str | None]]) -> None:
-        """Record the answers just sampled for the inputs ``indices`` (one list of answers per input)."""
-        for index, sampled in zip(indices, answers):
-            self.latest[index] = answer_distribution(list(sampled))
-
     def due(self, step: int, steps_per_epoch: int) -> bool:
         every = self.config.collapse_check_every or steps_per_epoch
         return step % every == 0
 
-    def check(self, step: int, model, optimizer) -> DiversityCheck:
-        """Compute the statistics now; keep a snapshot if they are the best so far; say whether it collapsed."""
-        current = diversity(self.latest, step)
+    def check(self, step: int, answers: Sequence[Sequence[str | None]], model, optimizer) -> DiversityCheck:
+        """The statistics of ``answers`` (one list of sampled answers per input, from the current adapter); keep a
+        snapshot of the adapter if they are the best so far; ``collapsed`` says whether to stop."""
+        current = diversity([answer_distribution(list(a)) for a in answers], step)
         current.collapsed = self._collapsed(current)
         self.history.append(current)
         if self.config.collapse_guard and current.score > self.best_score and not current.collapsed:
@@ -231,7 +233,6 @@ class CollapseGuard:
 
     def state(self) -> dict:
         return {
-            "latest": self.latest,
             "history": [asdict(c) for c in self.history],
             "best_step": self.best_step,
             "best_score": self.best_score,
@@ -239,7 +240,6 @@ class CollapseGuard:
         }
 
     def load_state(self, state: dict, best: Snapshot | None) -> None:
-        self.latest = [dict(d) for d in state["latest"]]
         self.history = [DiversityCheck(**c) for c in state["history"]]
         self.initial = self.history[0]
         self.best_step, self.best_score = int(state["best_step"]), float(state["best_score"])

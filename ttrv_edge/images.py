@@ -76,8 +76,17 @@ class SkippedItem:
 
 
 def display_name(path) -> str:
-    """A path as it can be printed: undecodable bytes in a file name become \\x escapes instead of crashing."""
-    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    """A path as one printable line: control characters and undecodable bytes in a name become escapes (a name
+    with a newline must not split an error message, a lone surrogate must not crash the printing)."""
+    return "".join(_printable(c) for c in str(path))
+
+
+def _printable(char: str) -> str:
+    if char.isprintable():
+        return char
+    if 0xDC80 <= ord(char) <= 0xDCFF:  # a byte that was not UTF-8, smuggled by os.fsdecode as a lone surrogate
+        return f"\\x{ord(char) - 0xDC00:02x}"
+    return repr(char)[1:-1]
 
 
 def load_image(source, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> Image.Image:
@@ -99,7 +108,8 @@ def _open_path(path: Path, max_pixels: int, max_side: int) -> Image.Image:
     name = display_name(path)
     try:
         if not path.exists():
-            raise ValueError(f"{name}: no such file")
+            missing = "broken symbolic link (its target is missing or loops)" if path.is_symlink() else "no such file"
+            raise ValueError(f"{name}: {missing}")
         if not path.is_file():
             raise ValueError(f"{name}: not a regular file")
         if path.stat().st_size == 0:
@@ -115,36 +125,41 @@ def _open_path(path: Path, max_pixels: int, max_side: int) -> Image.Image:
 def _decode(handle, name: str, max_pixels: int, max_side: int) -> Image.Image:
     """Decode an open file under the size limits. Malformed files make Pillow's decoders raise many exception types
     (OSError, SyntaxError, struct.error, zlib.error, IndexError, EOFError, ...), so every Exception becomes one
-    ValueError naming the file; KeyboardInterrupt and SystemExit still pass."""
+    ValueError naming the file; KeyboardInterrupt and SystemExit still pass. Pillow's warnings (corrupt EXIF, its
+    own bomb warning, which our lower limit replaces) are silenced: they would print outside our one-line errors."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit follows
-            image = Image.open(handle, formats=FORMATS)
-        with image:
-            declared = image.size
-            if image.format in ("JPEG", "MPO") and max(declared) > max_side:
-                scale = max_side / max(declared)
-                image.draft(None, (max(1, int(declared[0] * scale)), max(1, int(declared[1] * scale))))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ValueError(
-                    f"{name}: image declares {declared[0]}x{declared[1]} pixels, more than the limit of "
-                    f"{max_pixels} (decompression-bomb guard)"
-                )
-            orientation = _orientation(image)
-            image.seek(0)  # animated images: the first frame
-            image.load()
-            rgb = _fit(_to_rgb(image), max_side)
+            warnings.simplefilter("ignore")
+            return _read_pixels(handle, name, max_pixels, max_side)
     except ValueError as error:
         if str(error).startswith(name):
             raise
         raise ValueError(f"{name}: unreadable image ({_first_line(error)})") from None
-    except Image.DecompressionBombError:
-        raise ValueError(f"{name}: image declares too many pixels (Pillow's decompression-bomb guard)") from None
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{name}: too many pixels, refused by Pillow's bomb guard ({_first_line(error)})") from None
     except UnidentifiedImageError:
-        raise ValueError(f"{name}: not an image in a supported format ({', '.join(FORMATS)})") from None
+        formats = ", ".join(FORMATS)
+        raise ValueError(f"{name}: not an image, or its header is damaged (formats read: {formats})") from None
     except Exception as error:  # noqa: BLE001 - see the docstring
         raise ValueError(f"{name}: unreadable or truncated image ({_first_line(error)})") from None
+
+
+def _read_pixels(handle, name: str, max_pixels: int, max_side: int) -> Image.Image:
+    with Image.open(handle, formats=FORMATS) as image:
+        declared = image.size
+        if image.format in ("JPEG", "MPO") and max(declared) > max_side:
+            scale = max_side / max(declared)  # decode at 1/2, 1/4 or 1/8 scale, still at least max_side
+            image.draft(None, (max(1, int(declared[0] * scale)), max(1, int(declared[1] * scale))))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ValueError(
+                f"{name}: image declares {declared[0]}x{declared[1]} pixels, more than the limit of "
+                f"{max_pixels} (decompression-bomb guard)"
+            )
+        orientation = _orientation(image)
+        image.seek(0)  # animated images: the first frame
+        image.load()
+        rgb = _fit(_to_rgb(image), max_side)
     transpose = _TRANSPOSE.get(orientation)
     return rgb.transpose(transpose) if transpose is not None else rgb
 
