@@ -24,6 +24,7 @@ from rich.table import Table
 from .answers import DEFAULT_QUESTION, Question, parse_options
 from .config import TTRVConfig
 from .demo.commands import register as register_demo_commands
+from .onnx_commands import register as register_onnx_commands
 
 app = typer.Typer(
     name="ttrv-edge",
@@ -219,6 +220,7 @@ def _describe(prediction: dict) -> str:
 
 
 register_demo_commands(app)  # demo-train, eval (ttrv_edge/demo/commands.py)
+register_onnx_commands(app)  # export, answer (ttrv_edge/onnx_commands.py)
 
 
 def _quiet_libraries() -> None:
@@ -229,6 +231,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
+    if "transformers" not in sys.modules:  # it reads the two variables above when first imported (not by `answer`)
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity(getattr(logging, level, logging.ERROR))
