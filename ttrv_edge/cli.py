@@ -103,6 +103,8 @@ def adapt(
     ] = False,
     checkpoint_every: Annotated[int, typer.Option(help=_option("checkpoint_every"))] = 1,
     collapse_guard: Annotated[bool, typer.Option(help=_option("collapse_guard"))] = True,
+    memory_budget: Annotated[str | None, typer.Option(help=_option("memory_budget"))] = None,
+    quantize: Annotated[str, typer.Option(help=_option("quantize"))] = "none",
     allow_outside_root: Annotated[
         bool,
         typer.Option(help="Let a JSONL file's (or folder's) image paths leave its folder: '..', absolute, symlinks."),
@@ -126,6 +128,8 @@ def adapt(
         seed=seed,
         checkpoint_every=checkpoint_every,
         collapse_guard=collapse_guard,
+        memory_budget=memory_budget,
+        quantize=quantize,
     )
     if resume and checkpoint_dir is None:
         raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
@@ -167,6 +171,10 @@ def adapt(
         "adapter_dir": str(out),
         "seconds": round(time.perf_counter() - started, 3),
     }
+    memory = adapter_api._engine.memory.report()  # ttrv_edge/memory.py
+    report["peak_memory_bytes"] = memory["peak_memory_bytes"]
+    report["micro_batches"] = {"sample": memory["sample_micro_batch"], "train": memory["train_micro_batch"]}
+    report["memory"] = memory
     if mode == "transductive":
         report["skipped"] = [bad.to_dict() for bad in skipped]
         report["run"] = adapter_api.run_info
