@@ -12,6 +12,7 @@ config says ``keep=True``; ``reset()`` restores the weights the adapter was load
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -73,8 +74,9 @@ class TTRVAdapter:
         config = dataclasses.replace(config or TTRVConfig(), **options)
         if adapter is not None:
             check_adapter_dir(adapter)
-        with torch.random.fork_rng(devices=[]):  # the fresh LoRA's random init follows the seed, like the rest
-            torch.manual_seed(config.seed)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            torch.manual_seed(config.seed)  # the fresh LoRA's random init follows the seed, like the rest of a run
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")  # verify_adapter_loaded says it
             try:
                 vlm = load_vlm(
                     model,
