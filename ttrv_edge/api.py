@@ -72,26 +72,7 @@ class TTRVAdapter:
         ``options`` are TTRVConfig fields (``rollouts=16``, ``lr=1e-4`` ...) applied on top of ``config``.
         """
         config = dataclasses.replace(config or TTRVConfig(), **options)
-        if adapter is not None:
-            check_adapter_dir(adapter)
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            torch.manual_seed(config.seed)  # the fresh LoRA's random init follows the seed, like the rest of a run
-            warnings.filterwarnings("ignore", message="Found missing adapter keys")  # verify_adapter_loaded says it
-            try:
-                vlm = load_vlm(
-                    model,
-                    lora_rank=config.lora_rank,
-                    lora_alpha=config.effective_lora_alpha,
-                    trust_remote_code=trust_remote_code,
-                    device=device,
-                    adapter=adapter,
-                )
-            except RuntimeError as error:  # peft: "Error(s) in loading state_dict ... size mismatch"
-                if adapter is None or "state_dict" not in str(error):
-                    raise
-                raise ValueError(f"--adapter: {adapter} does not fit this model (tensor shapes differ)") from None
-        if adapter is not None:
-            verify_adapter_loaded(vlm.model, adapter)
+        vlm = _load_checked(model, config, adapter, trust_remote_code, device)
         return cls(vlm, config)
 
     def _prepare(self, image, question: Question, label: str | None = None) -> PreparedItem:
@@ -157,3 +138,33 @@ class TTRVAdapter:
 
     def work_units(self, mode: str, num_items: int) -> int:
         return self._engine.work_units(mode, num_items)
+
+
+def _load_checked(model: str, config: TTRVConfig, adapter: str | None, trust_remote_code: bool, device) -> LoadedVLM:
+    """``load_vlm`` with the adapter validated before and verified after loading, seeded LoRA init, and one-line
+    errors for remote code and adapters that do not fit."""
+    if adapter is not None:
+        check_adapter_dir(adapter)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(config.seed)  # the fresh LoRA's random init follows the seed, like the rest of a run
+        warnings.filterwarnings("ignore", message="Found missing adapter keys")  # verify_adapter_loaded says it
+        try:
+            vlm = load_vlm(
+                model,
+                lora_rank=config.lora_rank,
+                lora_alpha=config.effective_lora_alpha,
+                trust_remote_code=trust_remote_code,
+                device=device,
+                adapter=adapter,
+            )
+        except ValueError as error:
+            if trust_remote_code or "custom code" not in str(error):
+                raise
+            raise ValueError(f"{error} It runs only with --trust-remote-code, for models you trust.") from None
+        except RuntimeError as error:  # peft: "Error(s) in loading state_dict ... size mismatch"
+            if adapter is None or "state_dict" not in str(error):
+                raise
+            raise ValueError(f"--adapter: {adapter} does not fit this model (tensor shapes differ)") from None
+    if adapter is not None:
+        verify_adapter_loaded(vlm.model, adapter)
+    return vlm
