@@ -115,38 +115,53 @@ def test_rollouts_stop_at_eos_and_masks_cover_them(vlm, inputs):
     assert all(set(text.split()) <= {"red", "blue"} for text in r.texts)
 
 
-def test_shared_vision_gives_the_same_logprobs_and_encodes_once(vlm, inputs):
+SCORING_PATHS = {
+    "shared prefix": dict(share_prefix=True),
+    "N rows, image once": dict(share_prefix=False, share_vision=True),
+    "N rows, image N times": dict(share_prefix=False, share_vision=False),
+}
+
+
+def test_scoring_paths_give_the_same_logprobs_and_gradients(vlm, inputs):
+    """The prompt run once (its cache shared by the rows) and the image encoded once are exact optimisations of the
+    plain N-row forward: same log-probs, entropies and LoRA gradients; the tower sees 1, 1 and N image copies."""
     r = sample_rollouts(vlm, inputs, 4, temperature=1.0, max_new_tokens=6, seed=1)
-    batches = []
+    assert r.completion_mask.sum() > 4  # some rows have several tokens: the cached continuation is exercised
+    params = [p for p in vlm.model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero, which makes every lora_A gradient zero: randomise it
+        for name, p in vlm.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    tower_batches = []
     hook = vision_tower(vlm.model).register_forward_hook(
-        lambda module, args, kwargs, out: batches.append(int((list(args) + list(kwargs.values()))[0].shape[0])),
+        lambda module, args, kwargs, out: tower_batches.append(int((list(args) + list(kwargs.values()))[0].shape[0])),
         with_kwargs=True,
     )
+    results = {}
     try:
-        with torch.no_grad():
-            once = completion_logprobs(vlm, r, temperature=1.0, backend="torch", share_vision=True)
-            repeated = completion_logprobs(vlm, r, temperature=1.0, backend="torch", share_vision=False)
+        for name, options in SCORING_PATHS.items():
+            for p in params:
+                p.grad = None
+            logp, entropy = completion_logprobs(vlm, r, temperature=1.0, backend="torch", **options)
+            (logp.sum() + entropy.sum()).backward()
+            results[name] = (logp.detach(), entropy.detach(), [p.grad.clone() for p in params])
     finally:
         hook.remove()
-    assert batches[1] == 4 * batches[0], f"the tower saw {batches}: expected one copy, then four"
-    torch.testing.assert_close(once[0], repeated[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(once[1], repeated[1], atol=1e-5, rtol=1e-5)
-
-
-def test_shared_vision_keeps_gradients_exact(vlm, inputs):
-    r = sample_rollouts(vlm, inputs, 3, temperature=1.0, max_new_tokens=5, seed=2)
-    params = [p for p in vlm.model.parameters() if p.requires_grad]
-    grads = []
-    for share in (True, False):
-        for p in params:
-            p.grad = None
-        logp, _ = completion_logprobs(vlm, r, temperature=1.0, backend="torch", share_vision=share)
-        (logp.sum() + sum((p**2).sum() for p in params)).backward()  # LoRA B starts at zero: keep every grad live
-        grads.append([p.grad.clone() for p in params])
-    for p in params:
-        p.grad = None
-    for once, repeated in zip(*grads):
-        torch.testing.assert_close(once, repeated, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.grad = None
+                p.copy_(value)
+    assert all(float(g.abs().max()) > 0 for g in results["shared prefix"][2])
+    assert tower_batches[2] == 4 * tower_batches[0] and tower_batches[1] == tower_batches[0], tower_batches
+    reference = results["N rows, image N times"]
+    for name in ("shared prefix", "N rows, image once"):
+        logp, entropy, grads = results[name]
+        torch.testing.assert_close(logp, reference[0], atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(entropy, reference[1], atol=1e-5, rtol=1e-5, msg=name)
+        for got, want in zip(grads, reference[2]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_sampling_backs_off_on_out_of_memory(vlm, inputs, monkeypatch):

@@ -4,9 +4,10 @@ A TTRV step has two memory-hungry phases over the N rollouts of one input:
 
 - **sample**: the prompt is prefilled once (batch 1, no grad) and the N continuations decode from that KV cache in
   micro-batches of ``k`` rows: KV cache ``k x (P + T)`` tokens, plus one step of logits ``k x V``;
-- **train**: prompt + completion forwards with grad in micro-batches of ``m`` rows, gradients accumulated over them
-  (the update equals the one-batch update): activations ``m x (P + T)`` tokens over all layers, plus the fused
-  log-prob kernel's workspace (chunk rows x V) and the LoRA gradients and AdamW state.
+- **train**: the loss forward with grad in micro-batches of ``m`` rows, gradients accumulated over them (the update
+  equals the one-batch update); the prompt runs once per micro-batch and its cache is shared by the rows, so the
+  activations are ``P + m x T`` tokens over all layers, plus the fused log-prob kernel's workspace (chunk rows x V)
+  and the LoRA gradients and AdamW state.
 
 ``MemoryPlanner`` estimates both from the model's config (weights bytes counted from the tensors, KV bytes per
 token, activation bytes per token, kernel workspace) and picks the largest ``k`` and ``m`` whose estimate fits the
@@ -250,16 +251,22 @@ class ModelCosts:
         return prefix + cache + transient
 
     def train_bytes(self, rows: int, shape: WorkShape) -> int:
-        """Dynamic bytes of the loss forward + backward on ``rows`` rollouts (grad through LoRA only)."""
-        length = shape.prompt_tokens + shape.new_tokens
-        tokens = rows * length
-        activations = tokens * self.train_act_bytes_per_token(length)
+        """Dynamic bytes of the loss forward + backward on ``rows`` rollouts (grad through LoRA only).
+
+        The prompt runs once per micro-batch and its KV cache is expanded to the rows (``shared_prefix_hidden``):
+        P + rows x T tokens of activations, plus the expanded prompt cache, which autograd keeps.
+        """
+        prompt, new = shape.prompt_tokens, shape.new_tokens
+        tokens = prompt + rows * new
+        activations = tokens * self.train_act_bytes_per_token(prompt + new)
+        prompt_cache = (rows + 1) * prompt * self.kv_bytes_per_token
         hidden_out = 2 * tokens * self.hidden * self.dtype_bytes
-        head_rows = min(rows * shape.new_tokens, HEAD_CHUNK_ROWS)
+        head_rows = min(rows * new, HEAD_CHUNK_ROWS)
         workspace = head_rows * self.vocab * 4 * 4  # logits, log-softmax, probabilities, p*log p of one chunk
         backward = 2 * tokens * (2 * self.hidden + 2 * self.intermediate) * 4  # one layer's gradient buffers
         optimizer = 4 * self.trainable_bytes  # grads + AdamW's two moments (+ one update temporary)
-        return activations + hidden_out + workspace + backward + optimizer + self.vision_bytes(shape.vision_tokens)
+        vision = self.vision_bytes(shape.vision_tokens)
+        return activations + prompt_cache + hidden_out + workspace + backward + optimizer + vision
 
     def dynamic_bytes(self, phase: str, rows: int, shape: WorkShape) -> int:
         return self.sample_bytes(rows, shape) if phase == "sample" else self.train_bytes(rows, shape)
