@@ -99,6 +99,37 @@ class Encoder:
         }
 
 
+class AuxHead(torch.nn.Module):
+    """Training-only probe on the image tokens (the connector's output): shape and colour of the largest object and
+    the object count. It gives the from-scratch vision tower a direct gradient for spatial features; without it
+    the language loss alone taught colour in minutes but left shape and count at chance for 1100 steps (measured).
+    It is discarded after training: the shipped model is a plain Idefics3."""
+
+    def __init__(self, model):
+        super().__init__()
+        config = model.config
+        tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 // config.scale_factor**2
+        self.linear = torch.nn.Linear(tokens * config.text_config.hidden_size, len(SHAPES) + len(COLOURS) + 4)
+        self.features = None
+        model.model.connector.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.features = output
+
+    def loss(self, scenes: list[Scene]) -> torch.Tensor:
+        logits = self.linear(self.features.reshape(len(scenes), -1).float())
+        shape = torch.tensor([SHAPES.index(s.largest.shape) for s in scenes])
+        colour = torch.tensor([list(COLOURS).index(s.largest.colour) for s in scenes])
+        count = torch.tensor([len(s.objects) - 1 for s in scenes])
+        n_shape, n_colour = len(SHAPES), len(COLOURS)
+        ce = torch.nn.functional.cross_entropy
+        return (
+            ce(logits[:, :n_shape], shape)
+            + ce(logits[:, n_shape : n_shape + n_colour], colour)
+            + ce(logits[:, n_shape + n_colour :], count)
+        )
+
+
 def loss_and_accuracy(model, batch: dict, smoothing: float) -> tuple[torch.Tensor, float, float]:
     """Token cross-entropy on the answer, the decisive token smoothed over its pool; returns (loss, decisive token
     accuracy, whole-answer token accuracy) with teacher forcing."""
@@ -151,6 +182,7 @@ def train(
     seed: int = 0,
     threads: int | None = None,
     init: str | Path | None = None,
+    aux_weight: float = 1.0,
     log=print,
 ) -> dict:
     """Build and train the demo model, save it (fp16 safetensors + tokenizer + processor) to ``out_dir``.
@@ -185,7 +217,9 @@ def train(
     fixed_scenes = _scene_pool(TRAIN_SEED0, min(pool_size, 4096), fixed=True)[0] if fixed_steps else None
     val_scenes, val_images = _scene_pool(VAL_SEED0, 256)
     log(f"data: {pool_size} training scenes in {time.perf_counter() - started:.0f} s")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    aux = AuxHead(model) if aux_weight > 0 else None
+    params = list(model.parameters()) + (list(aux.parameters()) if aux else [])
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     history = []
     best = None
@@ -194,6 +228,8 @@ def train(
         idx = rng.sample(range(len(source)), batch_size)
         batch = encoder.batch([source[i] for i in idx], [images[i] for i in idx])
         loss, acc, full = loss_and_accuracy(model, batch, smoothing)
+        if aux is not None:
+            loss = loss + aux_weight * aux.loss([source[i] for i in idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -217,6 +253,8 @@ def train(
         "seconds": round(time.perf_counter() - started, 1),
         "history": history,
         "recipe": dict(
+            aux_weight=aux_weight,
+            init=str(init) if init else None,
             batch_size=batch_size,
             lr=lr,
             hidden=hidden,
@@ -235,23 +273,28 @@ def train(
 
 @torch.no_grad()
 def evaluate_teacher_forced(model, encoder: Encoder, scenes, images, smoothing: float, chunk: int = 128) -> dict:
+    """Teacher-forced accuracy of the decisive answer word (overall and per question kind) and of the whole answer."""
     was_training = model.training
     model.eval()
-    accs, fulls, losses = [], [], []
-    for i in range(0, len(scenes), chunk):
-        batch = encoder.batch(scenes[i : i + chunk], images[i : i + chunk])
-        loss, acc, full = loss_and_accuracy(model, batch, smoothing)
-        n = len(scenes[i : i + chunk])
-        accs.append(acc * n)
-        fulls.append(full * n)
-        losses.append(float(loss) * n)
+    out = {}
+    for kind in (None, "shape", "colour", "count"):
+        chosen = [i for i, s in enumerate(scenes) if kind is None or s.kind == kind]
+        accs, fulls, losses = [], [], []
+        for i in range(0, len(chosen), chunk):
+            part = chosen[i : i + chunk]
+            batch = encoder.batch([scenes[j] for j in part], [images[j] for j in part])
+            loss, acc, full = loss_and_accuracy(model, batch, smoothing)
+            accs.append(acc * len(part))
+            fulls.append(full * len(part))
+            losses.append(float(loss) * len(part))
+        n = max(len(chosen), 1)
+        if kind is None:
+            out.update(decisive_acc=round(sum(accs) / n, 4), full_acc=round(sum(fulls) / n, 4))
+            out["loss"] = round(sum(losses) / n, 4)
+        else:
+            out[f"acc_{kind}"] = round(sum(accs) / n, 3)
     model.train(was_training)
-    n = len(scenes)
-    return {
-        "decisive_acc": round(sum(accs) / n, 4),
-        "full_acc": round(sum(fulls) / n, 4),
-        "loss": round(sum(losses) / n, 4),
-    }
+    return out
 
 
 def _checkpoint(model, processor, work: Path, out: Path, step: int) -> None:
