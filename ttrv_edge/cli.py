@@ -59,10 +59,11 @@ def adapt(
     model: Annotated[
         str,
         typer.Option(
-            help="Local model folder or hub id; 'tiny' builds a tiny random VLM "
-            "offline (a smoke test, its answers are noise)."
+            help="Local model folder or hub id; 'demo' is the bundled demo model (trained on synthetic shape "
+            "scenes, see ttrv_edge/demo); 'tiny' builds a tiny random VLM offline "
+            "(a smoke test, its answers are noise)."
         ),
-    ] = "tiny",
+    ] = "demo",
     question: Annotated[str, typer.Option(help="The question asked about every image.")] = DEFAULT_QUESTION,
     choices: Annotated[
         str | None, typer.Option(help="Comma-separated answer options; answers are their letters (A, B, ...).")
@@ -257,7 +258,7 @@ def _set_thread_policy(argv: list[str]) -> None:
     when another process used a core, while PASSIVE cost nothing; for SmolVLM-256M-size models ACTIVE was ~2x
     faster (DESIGN §4). So PASSIVE for the built-in small models, OpenMP's default for the rest.
     """
-    model = argv[argv.index("--model") + 1] if "--model" in argv[:-1] else "tiny"
+    model = argv[argv.index("--model") + 1] if "--model" in argv[:-1] else "demo"
     if model in BUILT_IN_SMALL_MODELS:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
