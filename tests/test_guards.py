@@ -181,7 +181,7 @@ class DriftQuestion(Question):
         return "other" if len(text) % 3 == 0 else f"x{self.item}"
 
 
-def _drift_run(tiny_dir, lr: float, epochs: int = 3, every: int = 2, **options):
+def _drift_run(tiny_dir, lr: float, epochs: int = 2, every: int = 2, **options):
     api = TTRVAdapter.from_pretrained(
         str(tiny_dir), lr=lr, epochs=epochs, collapse_check_every=every, **FAST, **options
     )
@@ -207,7 +207,7 @@ def test_collapse_guard_fires_stops_and_rolls_back(tiny_idefics3_dir):
     api, results, weights = _drift_run(tiny_idefics3_dir, lr=5e-2)
     collapse = api.run_info["collapse"]
     assert collapse is not None and collapse["dominant_share"] >= 0.9
-    total = 3 * 6
+    total = 2 * 6
     assert collapse["step"] < total and len(weights) - 1 == collapse["step"]  # it stopped there
     best = collapse["rolled_back_to_step"]
     assert best < collapse["step"]
@@ -221,7 +221,7 @@ def test_collapse_guard_fires_stops_and_rolls_back(tiny_idefics3_dir):
 
 def test_without_the_guard_the_same_run_ends_collapsed(tiny_idefics3_dir):
     api, results, weights = _drift_run(tiny_idefics3_dir, lr=5e-2, collapse_guard=False)
-    assert api.run_info["collapse"] is None and len(weights) - 1 == 3 * 6
+    assert api.run_info["collapse"] is None and len(weights) - 1 == 2 * 6
     assert {r.after.majority for r in results} == {"A"}
     assert len(api.run_info["diversity"]) == 1  # disabled: no checks, no extra sampling
 
@@ -236,7 +236,7 @@ def test_collapse_guard_stays_quiet_on_a_normal_run(tiny_idefics3_dir):
 def test_collapse_guard_stays_quiet_with_real_answers(tiny_idefics3_dir):
     """No stub: the tiny model's own sampled labels, two epochs at the default learning rate."""
     labels = ("red", "green", "blue", "yellow", "circle", "square", "cat", "dog")
-    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), rollouts=6, max_new_tokens=5, seed=1)
+    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), rollouts=4, max_new_tokens=5, seed=1)
     images = [Image.new("RGB", (32, 32), (30 * k, 255 - 30 * k, 70 * k % 256)) for k in range(5)]
     items = [api._engine.prepare(f"i{k}", im, Question("What is it?", labels=labels)) for k, im in enumerate(images)]
     api._engine.adapt_transductive(items)

@@ -7,7 +7,11 @@ Deviations from the paper, and why:
 - a group whose rewards are all equal is skipped, not trained on with zero advantages: the loss and gradient
   would be exactly zero anyway, and skipping saves the backward pass;
 - "before" and "after" report the greedy answer and the distribution of N samples, so the effect of adaptation
-  on the sampled answers (what TTRL reports) is visible beside the greedy one.
+  on the sampled answers (what TTRL reports) is visible beside the greedy one;
+- not in the paper, for unattended runs (``guards.py``, ``checkpoints.py``): an update with a NaN/Inf loss or
+  gradient is undone and recorded as skipped; transductive mode checks, without labels, that the answers stay
+  diverse across inputs and stops and rolls back when they collapse to one answer (the failure the paper reports
+  after long adaptation); a transductive run can be checkpointed and resumed to the same adapter.
 """
 
 from __future__ import annotations
