@@ -44,6 +44,7 @@ MAX_PIXELS = 2**25
 MAX_SIDE = 2048
 MAX_ASPECT = 100
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_RESIZABLE = ("RGB", "RGBA", "L", "LA", "CMYK", "I", "F")  # modes Pillow resizes with BICUBIC (alpha premultiplied)
 _ORIENTATION = 0x0112
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -159,7 +160,10 @@ def _read_pixels(handle, name: str, max_pixels: int, max_side: int) -> Image.Ima
         orientation = _orientation(image)
         image.seek(0)  # animated images: the first frame
         image.load()
-        rgb = _fit(_to_rgb(image), max_side)
+        # Downscale before converting where the mode allows it, so a big image is never copied at full size; the
+        # result is always a new image (the file's image dies when the ``with`` closes it).
+        small = _downscale(image, max_side) if image.mode in _RESIZABLE else image
+        rgb = _fit(_to_rgb(small), max_side)
     transpose = _TRANSPOSE.get(orientation)
     return rgb.transpose(transpose) if transpose is not None else rgb
 
@@ -244,14 +248,19 @@ def _as_uint8(array: np.ndarray) -> np.ndarray:
     raise ValueError(f"image: unsupported array dtype {array.dtype}")
 
 
+def _downscale(image: Image.Image, max_side: int) -> Image.Image:
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
 def _fit(image: Image.Image, max_side: int) -> Image.Image:
     """Downscale so the longest side is at most ``max_side``; pad thinner-than-1:MAX_ASPECT images with white."""
+    image = _downscale(image, max_side)
     width, height = image.size
-    if max(width, height) > max_side:
-        scale = max_side / max(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        width, height = image.size
     if max(width, height) > MAX_ASPECT * min(width, height):
         padded = (max(width, -(-height // MAX_ASPECT)), max(height, -(-width // MAX_ASPECT)))
         canvas = Image.new("RGB", padded, (255, 255, 255))
