@@ -151,7 +151,15 @@ def _latest(path: Path, key) -> dict:
 
 
 def cmd_report(args) -> None:
-    runs = _latest(RESULTS / "shift_runs.jsonl", lambda r: (r["corruption"], r["severity"], r["method"]))
+    every = _latest(RESULTS / "shift_runs.jsonl", lambda r: (r["corruption"], r["severity"], r["method"], r["tag"]))
+    runs = {k[:3]: r for k, r in every.items() if not k[3].startswith("tune")}
+    tuning = [
+        [c, s, m, t, r["n"], r["config"]["lr"], r["before"]["greedy"], r["after"]["greedy"], r["after"]["sampled"]]
+        for (c, s, m, t), r in sorted(every.items())
+        if t.startswith("tune") and m != "base"
+    ]
+    head = ["corruption", "severity", "method", "tag", "n", "lr", "greedy before", "greedy after", "sampled after"]
+    _write_markdown(RESULTS / "shift_tuning.md", head, tuning)
     conditions = sorted({(c, s) for c, s, _ in runs}, key=lambda cs: (cs[0] != "clean", cs[0], cs[1]))
     header = ["corruption", "severity", "n"] + [c[0] for c in COLUMNS]
     table = []
