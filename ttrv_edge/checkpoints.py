@@ -335,7 +335,7 @@ class RunCheckpoint:
         )
 
     def _check_same_run(self, progress: dict) -> None:
-        ours, theirs = self.config.to_dict(), progress.get("config", {})
+        ours, theirs = json.loads(json.dumps(self.config.to_dict())), progress.get("config", {})  # tuples -> lists
         for key in sorted(set(ours) | set(theirs)):
             if key not in RESUME_IGNORED_OPTIONS and ours.get(key) != theirs.get(key):
                 raise ValueError(
