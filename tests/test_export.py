@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 
 from ttrv_edge.answers import Question
-from ttrv_edge.export import base_model_for, export_onnx, merge_lora, probe_image
+from ttrv_edge.export import base_model_for, export_onnx, merge_lora
 from ttrv_edge.models import load_vlm
+from ttrv_edge.onnx_graphs import probe_image
 from ttrv_edge.onnx_preprocess import (
     idefics3_image_prompt,
     idefics3_pixels,
@@ -304,3 +305,29 @@ def test_base_model_defaults_to_the_adapters_local_base(idefics3_export, tmp_pat
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="--model"):
         base_model_for(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft asks transformers
+def test_quantized_base_is_dequantized_before_the_merge(idefics3_export):
+    """An adapter adapted on an int8 (optimum-quanto) base is merged into the dequantized base: the merged model
+    reproduces the quantized model with the adapter on, not the fp32 base plus the adapter."""
+    from optimum.quanto import freeze, qint8, quantize
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    def adapted(quantized: bool):
+        base = AutoModelForImageTextToText.from_pretrained(idefics3_export.model_dir, dtype=torch.float32).eval()
+        if quantized:
+            quantize(base.model.text_model, weights=qint8)
+            freeze(base.model.text_model)
+        return PeftModel.from_pretrained(base, str(idefics3_export.adapter_dir)).eval()
+
+    inputs = idefics3_export.vlm.prompt_inputs(probe_image(), QUESTIONS[0].prompt())
+    with torch.no_grad():
+        quantized = adapted(quantized=True)
+        reference = quantized(**inputs).logits
+        merged = merge_lora(quantized)
+        fp32_merged = merge_lora(adapted(quantized=False))
+        assert type(merged.model.text_model.layers[0].self_attn.q_proj) is torch.nn.Linear
+        assert torch.allclose(merged(**inputs).logits, reference, atol=1e-5, rtol=0)
+        assert (fp32_merged(**inputs).logits - reference).abs().max() > 1e-5  # quantization did change the weights

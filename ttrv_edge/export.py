@@ -31,6 +31,7 @@ Deviations from a plain "export the model" and why:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import time
@@ -40,9 +41,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from .models import load_vlm, resolve_model_path
+from .onnx_graphs import (
+    DecoderGraph,
+    Idefics3VisionGraph,
+    Qwen2VLVisionGraph,
+    architecture,
+    decoder_example,
+    image_config,
+    probe_image,
+    text_model,
+    vision_example,
+)
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -58,10 +69,7 @@ __all__ = [
 DEFAULT_OPSET = 18
 FORMAT = "ttrv-edge-onnx/1"
 GRAPHS = ("vision", "decoder")
-IDEFICS3_TYPES = ("idefics3", "smolvlm")
-QWEN2_VL_TYPES = ("qwen2_vl",)
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf files stop at 2 GB: larger graphs keep weights in a .data file
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json")
 
 
 # ----------------------------------------------------------------------------------------------- loading, merge
@@ -155,171 +163,6 @@ def merge_lora(peft_model):
     return merged.eval()
 
 
-# ----------------------------------------------------------------------------------------------- export wrappers
-
-
-class _Decoder(torch.nn.Module):
-    """Embedding + image-feature merge + text model + lm_head, with the KV cache as flat tensors.
-
-    The merge is the models' ``masked_scatter`` written with plain ops that also work with zero features (decode
-    steps): the k-th image token takes row k of ``image_features`` (padded with one zero row so the gather never
-    reads an empty tensor)."""
-
-    def __init__(self, text_model, head, image_token_id: int):
-        super().__init__()
-        self.text, self.head, self.config = text_model, head, text_model.config
-        self.embed = text_model.get_input_embeddings()
-        self.image_token_id = image_token_id
-
-    def forward(self, input_ids, image_features, attention_mask, position_ids, past):
-        from transformers import DynamicCache
-
-        embeds = self.embed(input_ids)
-        is_image = input_ids == self.image_token_id
-        index = (torch.cumsum(is_image.to(torch.int64), dim=-1) - 1).clamp(min=0)
-        padded = torch.cat([image_features.to(embeds.dtype), embeds.new_zeros(1, embeds.shape[-1])])
-        embeds = torch.where(is_image[..., None], padded[index], embeds)
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        cache = DynamicCache(ddp_cache_data=pairs, config=self.config)
-        out = self.text(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
-        )
-        logits = self.head(out.last_hidden_state[:, -1])
-        present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-        return (logits, *present)
-
-
-class _Idefics3Vision(torch.nn.Module):
-    """SigLIP tower + pixel-shuffle connector; every crop is full size, so the patch mask is all ones."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.vision, self.connector = inner.vision_model, inner.connector
-
-    def forward(self, pixel_values):
-        features = self.connector(self.vision(pixel_values=pixel_values).last_hidden_state)
-        return features.reshape(-1, features.shape[-1])
-
-
-class _Qwen2VLVision(torch.nn.Module):
-    """Qwen2-VL's vision blocks with one block-diagonal-masked attention instead of a split per image."""
-
-    def __init__(self, visual):
-        super().__init__()
-        self.visual = visual
-
-    def forward(self, pixel_values, rope_positions, segment_ids):
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
-
-        visual = self.visual
-        hidden = visual.patch_embed(pixel_values)
-        cos, sin = visual.rotary_pos_emb(hidden, rope_positions)
-        same = segment_ids[:, None] == segment_ids[None, :]
-        bias = torch.where(same, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)[None, None]
-        for block in visual.blocks:
-            attn = block.attn
-            x = block.norm1(hidden)
-            q, k, v = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-            q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scaling)
-            hidden = hidden + attn.proj(out[0].transpose(0, 1).reshape(x.shape[0], -1))
-            hidden = hidden + block.mlp(block.norm2(hidden))
-        return visual.merger(hidden)
-
-
-# ----------------------------------------------------------------------------------------------- architectures
-
-
-def probe_image(size: int = 64) -> Image.Image:
-    """A fixed synthetic image (red circle, blue square on white) used for example inputs and the self-check."""
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((size * 0.1, size * 0.1, size * 0.45, size * 0.45), fill=(220, 30, 30))
-    draw.rectangle((size * 0.55, size * 0.5, size * 0.9, size * 0.9), fill=(30, 60, 220))
-    return image
-
-
-def _arch(model) -> str:
-    model_type = model.config.model_type
-    if model_type in IDEFICS3_TYPES:
-        return "idefics3"
-    if model_type in QWEN2_VL_TYPES:
-        return "qwen2_vl"
-    raise ValueError(f"--model: ONNX export supports Idefics3/SmolVLM and Qwen2-VL, not {model_type!r}")
-
-
-def _text_model(model, arch: str):
-    return model.model.text_model if arch == "idefics3" else model.model.language_model
-
-
-def _image_config(processor, arch: str) -> dict:
-    ip = processor.image_processor.to_dict()
-    common = {k: ip.get(k) for k in ("do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean")}
-    common.update(image_std=ip.get("image_std"), resample=int(ip.get("resample") or 3), kind=arch)
-    if arch == "idefics3":
-        return common | {
-            "longest_edge": int(ip["size"]["longest_edge"]),
-            "max_image_size": int(ip["max_image_size"]["longest_edge"]),
-            "do_image_splitting": bool(ip.get("do_image_splitting")),
-            "image_seq_len": int(processor.image_seq_len),
-            "image_token": processor.image_token,
-            "fake_image_token": processor.fake_image_token,
-            "global_image_token": processor.global_image_tag,
-        }
-    size = ip.get("size") or {}
-    return common | {
-        "min_pixels": int(size.get("shortest_edge") or ip["min_pixels"]),
-        "max_pixels": int(size.get("longest_edge") or ip["max_pixels"]),
-        "patch_size": int(ip["patch_size"]),
-        "temporal_patch_size": int(ip["temporal_patch_size"]),
-        "merge_size": int(ip["merge_size"]),
-        "image_token": processor.image_token,
-    }
-
-
-def _vision_example(arch: str, batch, image_cfg: dict):
-    """Example inputs and dynamic axes of the vision graph, from the processor's output for the probe image."""
-    if arch == "idefics3":
-        pixels = batch["pixel_values"].reshape(-1, *batch["pixel_values"].shape[2:]).float()
-        pixels = torch.cat([pixels, pixels.flip(-1)]) if pixels.shape[0] == 1 else pixels  # a size-1 dim would freeze
-        return (pixels,), ["pixel_values"], {"pixel_values": {0: "num_crops"}}
-    from .onnx_preprocess import qwen2vl_vision_positions
-
-    grid = tuple(int(x) for x in batch["image_grid_thw"][0])
-    rope = torch.from_numpy(qwen2vl_vision_positions(grid, image_cfg["merge_size"]))
-    pixels = batch["pixel_values"].float()
-    segments = torch.zeros(pixels.shape[0], dtype=torch.int64)
-    axes = {"pixel_values": {0: "patches"}, "rope_positions": {0: "patches"}, "segment_ids": {0: "patches"}}
-    return (pixels, rope, segments), ["pixel_values", "rope_positions", "segment_ids"], axes
-
-
-def _decoder_example(text_config, arch: str, image_token_id: int, seq: int = 5, past: int = 3):
-    kv_heads = text_config.num_key_value_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    layers = text_config.num_hidden_layers
-    ids = torch.tensor([[1, image_token_id, image_token_id, 2, 3]], dtype=torch.int64)[:, :seq]
-    features = torch.randn(2, text_config.hidden_size)
-    mask = torch.zeros(1, 1, seq, past + seq)
-    positions = torch.arange(past, past + seq)[None]
-    positions = positions[None].expand(3, 1, seq).contiguous() if arch == "qwen2_vl" else positions
-    pasts = [torch.randn(1, kv_heads, past, head_dim) for _ in range(2 * layers)]
-    names = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-    axes = {"input_ids": {1: "sequence"}, "image_features": {0: "image_tokens"}}
-    axes["attention_mask"] = {2: "sequence", 3: "total"}
-    axes["position_ids"] = {positions.dim() - 1: "sequence"}
-    axes["past"] = [{2: "past"} for _ in names]
-    inputs = ["input_ids", "image_features", "attention_mask", "position_ids", *names]
-    outputs = ["logits"] + [name.replace("past_", "present_") for name in names]
-    info = {
-        "num_layers": layers,
-        "num_kv_heads": kv_heads,
-        "head_dim": head_dim,
-        "hidden_size": text_config.hidden_size,
-    }
-    return (ids, features, mask, positions, pasts), inputs, outputs, axes, info
-
-
 # ----------------------------------------------------------------------------------------------- export
 
 
@@ -387,16 +230,13 @@ def _write_processor_files(vlm, out: Path) -> None:
         raise ValueError("--model: the tokenizer has no tokenizer.json (a fast tokenizer is needed without torch)")
 
 
-def _special_tokens(tokenizer) -> dict:
-    return {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-
-
 def export_onnx(
     adapter_dir: str | Path,
     out_dir: str | Path,
     *,
     model: str | None = None,
     int8: bool = False,
+    quantize: str = "none",
     opset: int = DEFAULT_OPSET,
     trust_remote_code: bool = False,
     check: bool = True,
@@ -404,10 +244,14 @@ def export_onnx(
 ) -> dict:
     """Merge ``adapter_dir`` into its base model and write the ONNX graphs, processor files and manifest.json to
     ``out_dir``. ``model`` overrides the base recorded in the adapter. ``int8`` adds dynamically quantized copies.
+    ``quantize`` is the base quantization the adapter was adapted on (``adapt --quantize``): the base is quantized
+    the same way, then dequantized, so the merged weights are the ones the adapter was trained against.
     ``check`` runs the exported graphs once on a probe image and records their agreement with torch in the manifest.
     ``log`` (a callable taking a string) receives progress lines. Returns the manifest."""
     started = time.perf_counter()
     log = log or (lambda message: None)
+    if opset < DEFAULT_OPSET:
+        raise ValueError(f"--opset: the dynamo exporter needs opset >= {DEFAULT_OPSET}, got {opset}")
     adapter = adapter_sha256(adapter_dir)
     base = resolve_model_path(base_model_for(adapter_dir, model))
     out = Path(out_dir)
@@ -415,46 +259,32 @@ def export_onnx(
         raise ValueError(f"OUT_DIR: {out} exists and is not a folder")
     log(f"loading {base} with the adapter")
     vlm = load_vlm(
-        base, adapter=str(adapter_dir), device="cpu", dtype=torch.float32, trust_remote_code=trust_remote_code
+        base,
+        adapter=str(adapter_dir),
+        device="cpu",
+        dtype=torch.float32,
+        trust_remote_code=trust_remote_code,
+        **_quantize_kwargs(quantize),
     )
-    arch = _arch(vlm.model.get_base_model())
+    arch = architecture(vlm.model.get_base_model())
     eos_ids = vlm.eos_token_ids
     merged = merge_lora(vlm.model)
     out.mkdir(parents=True, exist_ok=True)
     _write_processor_files(vlm, out)
-    image_cfg = _image_config(vlm.processor, arch)
-    batch = vlm.processor(images=[probe_image()], text=[_probe_prompt(vlm)], return_tensors="pt")
-    with torch.no_grad():
-        torch.manual_seed(0)
-        args, names, axes = _vision_example(arch, batch, image_cfg)
-        vision = _Idefics3Vision(merged.model) if arch == "idefics3" else _Qwen2VLVision(merged.model.visual)
-        log("exporting vision.onnx")
-        _export_graph(vision.eval(), args, out / "vision.onnx", names, ["image_features"], axes, opset)
-        text = _text_model(merged, arch)
-        image_token_id = int(merged.config.image_token_id)
-        args, inputs, outputs, axes, text_info = _decoder_example(text.config, arch, image_token_id)
-        log("exporting decoder.onnx")
-        decoder = _Decoder(text, merged.get_output_embeddings(), image_token_id).eval()
-        _export_graph(decoder, args, out / "decoder.onnx", inputs, outputs, axes, opset)
-    graphs = {name: _graph_signature(out / f"{name}.onnx") for name in GRAPHS}
-    config = merged.config
+    image_cfg = image_config(vlm.processor, arch)
+    text_info = _export_graphs(merged, vlm, arch, image_cfg, out, opset, log)
     manifest = {
         "format": FORMAT,
         "architecture": arch,
-        "model_type": config.model_type,
+        "model_type": merged.config.model_type,
         "source_model": str(base),
         "adapter": {"path": str(Path(adapter_dir).resolve()), **adapter},
+        "base_quantization": quantize,
         "opset": opset,
         "exporter": {"torch": torch.__version__, "transformers": _version("transformers"), "dtype": "float32"},
-        "graphs": graphs,
-        "text": text_info | {"vocab_size": int(merged.get_output_embeddings().weight.shape[0]), "dtype": "float32"},
-        "tokens": {
-            "eos_token_ids": eos_ids,
-            "suppress_token_ids": sorted(int(i) for i in (merged.generation_config.suppress_tokens or [])),
-            "image_token_id": image_token_id,
-            "special_tokens": _special_tokens(vlm.tokenizer),
-            "clean_up_tokenization_spaces": bool(getattr(vlm.tokenizer, "clean_up_tokenization_spaces", False)),
-        },
+        "graphs": {name: _graph_signature(out / f"{name}.onnx") for name in GRAPHS},
+        "text": text_info,
+        "tokens": _token_info(merged, vlm, eos_ids),
         "preprocess": image_cfg,
         "files": {"tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja"},
     }
@@ -467,6 +297,36 @@ def export_onnx(
         manifest["check"] = _self_check(merged, vlm.processor, out, eos_ids, int8)
     manifest["export_seconds"] = round(time.perf_counter() - started, 2)
     return _write_manifest(out, manifest)
+
+
+def _export_graphs(merged, vlm, arch: str, image_cfg: dict, out: Path, opset: int, log) -> dict:
+    """Write vision.onnx and decoder.onnx; returns the decoder's KV-cache layout for the manifest."""
+    batch = vlm.processor(images=[probe_image()], text=[_probe_prompt(vlm)], return_tensors="pt")
+    with torch.no_grad():
+        torch.manual_seed(0)
+        args, names, axes = vision_example(arch, batch, image_cfg)
+        vision = Idefics3VisionGraph(merged.model) if arch == "idefics3" else Qwen2VLVisionGraph(merged.model.visual)
+        log("exporting vision.onnx")
+        _export_graph(vision.eval(), args, out / "vision.onnx", names, ["image_features"], axes, opset)
+        text = text_model(merged, arch)
+        image_token_id = int(merged.config.image_token_id)
+        args, inputs, outputs, axes, text_info = decoder_example(text.config, arch, image_token_id)
+        log("exporting decoder.onnx")
+        decoder = DecoderGraph(text, merged.get_output_embeddings(), image_token_id).eval()
+        _export_graph(decoder, args, out / "decoder.onnx", inputs, outputs, axes, opset)
+    vocab = int(merged.get_output_embeddings().weight.shape[0])
+    return text_info | {"vocab_size": vocab, "dtype": "float32"}
+
+
+def _token_info(merged, vlm, eos_ids: list[int]) -> dict:
+    """What decoding and text handling need: EOS, suppressed and image token ids, special tokens, cleanup."""
+    return {
+        "eos_token_ids": eos_ids,
+        "suppress_token_ids": sorted(int(i) for i in (merged.generation_config.suppress_tokens or [])),
+        "image_token_id": int(merged.config.image_token_id),
+        "special_tokens": {k: v for k, v in vlm.tokenizer.special_tokens_map.items() if isinstance(v, str)},
+        "clean_up_tokenization_spaces": bool(getattr(vlm.tokenizer, "clean_up_tokenization_spaces", False)),
+    }
 
 
 def export_summary(manifest: dict, out_dir: str | Path) -> dict:
@@ -505,6 +365,14 @@ def export_lines(summary: dict) -> list[str]:
         )
     lines.append(f"  adapter sha256 {summary['adapter_sha256'][:16]}..., {summary['seconds']} s")
     return lines
+
+
+def _quantize_kwargs(quantize: str) -> dict:
+    if quantize == "none":
+        return {}
+    if "quantize" not in inspect.signature(load_vlm).parameters:
+        raise ValueError("--quantize: this ttrv-edge build cannot quantize a base model")
+    return {"quantize": quantize}
 
 
 def _probe_prompt(vlm) -> str:

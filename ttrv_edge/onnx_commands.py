@@ -27,6 +27,10 @@ def export_command(
         typer.Option(help="Base model folder, hub id or 'tiny'; default: the adapter's base if it is a local folder."),
     ] = None,
     int8: Annotated[bool, typer.Option(help="Also write dynamically quantized int8 graphs (*.int8.onnx).")] = False,
+    quantize: Annotated[
+        str,
+        typer.Option(help="The base quantization the adapter was adapted on (adapt --quantize); dequantized to merge."),
+    ] = "none",
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 18,
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow the model folder's own Python code to run. Only for models you trust.")
@@ -42,6 +46,7 @@ def export_command(
             out_dir,
             model=model,
             int8=int8,
+            quantize=quantize,
             opset=opset,
             trust_remote_code=trust_remote_code,
             log=status.update,
