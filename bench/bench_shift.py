@@ -154,7 +154,17 @@ def cmd_report(args) -> None:
     every = _latest(RESULTS / "shift_runs.jsonl", lambda r: (r["corruption"], r["severity"], r["method"], r["tag"]))
     runs = {k[:3]: r for k, r in every.items() if not k[3].startswith("tune")}
     tuning = [
-        [c, s, m, t, r["n"], r["config"]["lr"], r["before"]["greedy"], r["after"]["greedy"], r["after"]["sampled"]]
+        [
+            c,
+            s,
+            m,
+            t,
+            r["n"],
+            f"{r['config']['lr']:g}",
+            r["before"]["greedy"],
+            r["after"]["greedy"],
+            r["after"]["sampled"],
+        ]
         for (c, s, m, t), r in sorted(every.items())
         if t.startswith("tune") and m != "base"
     ]
@@ -169,16 +179,16 @@ def cmd_report(args) -> None:
             record = runs.get((corruption, severity, method))
             row.append(None if record is None else record[when][metric])
         table.append(row)
-    shifted = [r for r in table if r[0] != "clean"]
-    if shifted:
-        mean = ["mean (shifted)", "", ""]
+    for severity in sorted({r[1] for r in table if r[0] != "clean"}):
+        shifted = [r for r in table if r[0] != "clean" and r[1] == severity]
+        mean = [f"mean of {len(shifted)} shifts", severity, ""]
         for j in range(3, len(header)):
             values = [r[j] for r in shifted if r[j] is not None]
             mean.append(sum(values) / len(values) if values else None)
         table.append(mean)
     _write_csv(RESULTS / "shift_table.csv", header, table)
     _write_markdown(RESULTS / "shift_table.md", header, table)
-    _plot(RESULTS / "shift_table.png", header, [r for r in table if r[0] != "mean (shifted)"])
+    _plot(RESULTS / "shift_table.png", header, [r for r in table if not r[0].startswith("mean")])
     ablation = _latest(RESULTS / "shift_ablation.jsonl", lambda r: (r["corruption"], r["severity"], r["variant"]))
     head = [
         "corruption",
