@@ -111,3 +111,44 @@ def test_int4_step_runs_and_changes_only_lora(tiny_idefics3_dir, test_image):
     after = _snapshot(vlm.model)
     changed = {n for n in before if not all(torch.equal(a, b) for a, b in zip(before[n], after[n]))}
     assert changed and all("lora_" in n for n in changed)
+
+
+def test_frozen_quantized_linear_backward_matches_quanto(int8_vlm, test_image):
+    """The input-gradient-only backward (no saved input) gives quanto's own gradients."""
+    from optimum.quanto import QLinear
+
+    from ttrv_edge.rollout import completion_logprobs, sample_rollouts
+
+    model = int8_vlm.model
+    frozen = [m for m in model.modules() if isinstance(m, QLinear) and type(m) is not QLinear]
+    assert frozen, "the language model's quantized linears should be FrozenQuantizedLinear"
+    inputs = int8_vlm.prompt_inputs(test_image, "What is it?")
+    rollouts = sample_rollouts(int8_vlm, inputs, 3, temperature=1.0, max_new_tokens=5, seed=0)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    saved = [p.detach().clone() for p in params]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero: randomise it so every LoRA weight gets a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    frozen_class = type(frozen[0])
+    grads = []
+    try:
+        for cls in (frozen_class, QLinear):
+            for module in frozen:
+                module.__class__ = cls
+            for p in params:
+                p.grad = None
+            logp, _ = completion_logprobs(int8_vlm, rollouts, temperature=1.0, backend="torch")
+            logp.sum().backward()
+            grads.append([p.grad.clone() for p in params])
+    finally:
+        for module in frozen:
+            module.__class__ = frozen_class
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.grad = None
+                p.copy_(value)
+    assert all(float(g.abs().max()) > 0 for g in grads[0])
+    for ours, quanto in zip(*grads):
+        torch.testing.assert_close(ours, quanto, atol=1e-6, rtol=1e-4)
