@@ -24,6 +24,8 @@ def train_command(
     target_acc: Annotated[float, typer.Option(help="Stop once held-out answer-word accuracy reaches this.")] = 0.97,
     hidden: Annotated[int, typer.Option(help="Hidden size of the vision and text transformers.")] = 128,
     layers: Annotated[int, typer.Option(help="Layers of the vision and text transformers.")] = 3,
+    aux_weight: Annotated[float, typer.Option(help="Weight of the training-only vision probe (0 = off).")] = 1.0,
+    init: Annotated[Path | None, typer.Option(help="Start from this model folder's weights.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Train the demo VLM from scratch on clean synthetic scenes (CPU, minutes) and save it."""
@@ -39,6 +41,8 @@ def train_command(
         hidden=hidden,
         layers=layers,
         seed=seed,
+        aux_weight=aux_weight,
+        init=init,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     sys.stdout.write(json.dumps({k: v for k, v in summary.items() if k != "history"}) + "\n")
