@@ -1,7 +1,7 @@
 """The Python API for apps: load a VLM once, adapt it to many images.
 
     from ttrv_edge import TTRVAdapter
-    adapter = TTRVAdapter.from_pretrained("tiny", rollouts=8, steps=3)
+    adapter = TTRVAdapter.from_pretrained("demo", rollouts=8, steps=3)
     result = adapter.adapt("photo.jpg", "What animal is this?", choices=["cat", "dog", "bird", "fish"])
     print(result.after.answer, result.to_dict())
 
@@ -59,7 +59,7 @@ class TTRVAdapter:
     @classmethod
     def from_pretrained(
         cls,
-        model: str = "tiny",
+        model: str = "demo",
         config: TTRVConfig | None = None,
         *,
         adapter: str | None = None,
@@ -67,7 +67,9 @@ class TTRVAdapter:
         device: str | None = None,
         **options,
     ) -> TTRVAdapter:
-        """Load ``model`` (local dir, hub id, or "tiny") with a fresh LoRA (or the saved ``adapter``).
+        """Load ``model`` with a fresh LoRA (or the saved ``adapter``).
+
+        ``model`` is a local folder, a hub id, "demo" (the bundled demo model) or "tiny" (a tiny random VLM).
 
         ``options`` are TTRVConfig fields (``rollouts=16``, ``lr=1e-4`` ...) applied on top of ``config``.
         """
