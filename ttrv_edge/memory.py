@@ -262,7 +262,9 @@ class ModelCosts:
         prompt_cache = (rows + 1) * prompt * self.kv_bytes_per_token
         hidden_out = 2 * tokens * self.hidden * self.dtype_bytes
         head_rows = min(rows * new, HEAD_CHUNK_ROWS)
-        workspace = head_rows * self.vocab * 4 * 4  # logits, log-softmax, probabilities, p*log p of one chunk
+        # one chunk of logits in fp32: log-softmax, probabilities, p*log p, recomputed in the backward (activation
+        # checkpointing) beside their gradients: ~8 [rows, V] tensors (fitted on the SmolVLM-256M architecture, CPU)
+        workspace = head_rows * self.vocab * 4 * 8
         backward = 2 * tokens * (2 * self.hidden + 2 * self.intermediate) * 4  # one layer's gradient buffers
         optimizer = 4 * self.trainable_bytes  # grads + AdamW's two moments (+ one update temporary)
         vision = self.vision_bytes(shape.vision_tokens)
