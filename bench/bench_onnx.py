@@ -1,10 +1,13 @@
 """Latency per answer on CPU: torch (the adapter unmerged, as `ttrv-edge adapt` answers; and merged) vs onnxruntime
 (fp32 and dynamic int8 graphs from `ttrv-edge export`), in one run, on the same images and questions.
 
-    python bench/bench_onnx.py --model tiny --n 24 --threads 1,2          # the tiny random model (default)
-    python bench/bench_onnx.py --model demo --adapter ttrv-out --n 64     # the demo model once it exists
+    python bench/bench_onnx.py --n 64 --threads 1,2                                   # the demo model (default)
+    python bench/bench_onnx.py --model demo --adapter ttrv-out --n 64                  # with an adapted LoRA
+    python bench/bench_onnx.py --model tiny --n 24 --stem onnx_latency_tiny           # the tiny random model
 
-Writes bench/results/onnx_latency.csv (one row per provider and thread count) and onnx_latency.png.
+Writes bench/results/<stem>.csv (one row per provider and thread count) and <stem>.png. The inputs are the demo's
+synthetic scenes and questions (``ttrv_edge.demo.scenes``), so ``accuracy`` (answers equal to the scene's correct
+letter) means something for the demo model; for random models it is chance or zero.
 
 What is timed: one answer = preprocessing (processor / numpy), the vision encoder, the prefill and greedy decoding
 with the KV cache up to ``--new-tokens`` tokens (stopping at EOS), then answer extraction: the whole
@@ -14,8 +17,8 @@ OMP_WAIT_POLICY is PASSIVE unless set (tiny models on a shared CPU, DESIGN secti
 Agreement columns: the fraction of answers (extracted) and texts identical to the unmerged torch model's;
 ``answered``: the fraction of texts an answer could be extracted from (random models mostly answer nothing).
 
-Without ``--adapter`` the model gets a fresh LoRA with lora_B perturbed (so merging changes weights); the latency
-does not depend on the LoRA values.
+Without ``--adapter`` the model gets a fresh LoRA, zero (the base model's answers) unless ``--perturb STD`` adds
+Gaussian noise to lora_B; the latency does not depend on the LoRA values.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = (
@@ -46,44 +48,23 @@ COLUMNS = (
     "new_tokens_mean",
     "ms_per_token",
     "answered",
+    "accuracy",
     "answer_agreement",
     "text_agreement",
     "graph_MB",
     "omp_wait_policy",
 )
-SHAPES = ("circle", "square", "triangle", "star")
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (230, 200, 30)}
 
 
-def scenes(n: int, size: int, seed: int):
-    """n (image, Question) pairs: one coloured shape on a noisy background, a 4-way multiple-choice question."""
-    from ttrv_edge.answers import Question
+def scenes(n: int, seed: int):
+    """n (image, Question, correct letter) triples: the demo's synthetic scenes (ttrv_edge.demo.scenes)."""
+    from ttrv_edge.demo.scenes import make_scene
 
-    rng = np.random.default_rng(seed)
     out = []
-    for _ in range(n):
-        background = rng.integers(200, 256, (size, size, 3), dtype=np.uint8)
-        image = Image.fromarray(background)
-        draw = ImageDraw.Draw(image)
-        shape, colour = SHAPES[rng.integers(4)], list(COLOURS)[rng.integers(4)]
-        x, y = (int(v) for v in rng.integers(size // 4, 3 * size // 4, 2))
-        r = size // 5
-        box = (x - r, y - r, x + r, y + r)
-        if shape == "circle":
-            draw.ellipse(box, fill=COLOURS[colour])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLOURS[colour])
-        else:
-            points = [(x, y - r), (x + r, y + r), (x - r, y + r)] if shape == "triangle" else _star(x, y, r)
-            draw.polygon(points, fill=COLOURS[colour])
-        out.append((image, Question(f"Which shape is {colour}?", choices=SHAPES)))
+    for index in range(n):
+        scene = make_scene(seed * 100_000 + index)
+        out.append((scene.image(), scene.question, scene.answer))
     return out
-
-
-def _star(x: int, y: int, r: int) -> list[tuple[float, float]]:
-    angles = np.linspace(-np.pi / 2, 1.5 * np.pi, 11)[:-1]
-    radii = np.where(np.arange(10) % 2 == 0, r, r / 2.5)
-    return [(x + a * np.cos(t), y + a * np.sin(t)) for a, t in zip(radii, angles)]
 
 
 def _adapter_dir(args, vlm, workdir: Path) -> Path:
@@ -95,23 +76,23 @@ def _adapter_dir(args, vlm, workdir: Path) -> Path:
     with torch.no_grad():
         for name, param in vlm.model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+                param.copy_(torch.randn(param.shape, generator=generator) * args.perturb)
     vlm.model.save_pretrained(workdir / "adapter", safe_serialization=True)
     return workdir / "adapter"
 
 
 def _time(answer_fn, items, warmup: int):
-    for image, question in items[:warmup]:
+    for image, question, _ in items[:warmup]:
         answer_fn(image, question)
     times, outputs = [], []
-    for image, question in items:
+    for image, question, _ in items:
         started = time.perf_counter()
         outputs.append(answer_fn(image, question))
         times.append((time.perf_counter() - started) * 1000)
     return times, outputs
 
 
-def _row(model, provider, threads, times, outputs, reference, graph_mb) -> dict:
+def _row(model, provider, threads, times, outputs, reference, truth, graph_mb) -> dict:
     tokens = statistics.mean(o[2] for o in outputs)
     same_answer = sum(o[0] == r[0] for o, r in zip(outputs, reference)) / len(outputs)
     same_text = sum(o[1] == r[1] for o, r in zip(outputs, reference)) / len(outputs)
@@ -127,6 +108,7 @@ def _row(model, provider, threads, times, outputs, reference, graph_mb) -> dict:
         "new_tokens_mean": round(tokens, 2),
         "ms_per_token": round(median / max(tokens, 1), 3),
         "answered": round(sum(o[0] is not None for o in outputs) / len(outputs), 3),
+        "accuracy": round(sum(o[0] == t for o, t in zip(outputs, truth)) / len(outputs), 3),
         "answer_agreement": round(same_answer, 3),
         "text_agreement": round(same_text, 3),
         "graph_MB": graph_mb,
@@ -143,6 +125,9 @@ def run(args) -> list[dict]:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     torch.set_grad_enabled(False)
+    torch.manual_seed(args.seed)  # a fresh LoRA's lora_A is drawn from torch's global generator
+    if args.onnx and not args.adapter:  # the torch side must run the adapter that was exported
+        args.adapter = load_manifest(args.onnx)["adapter"]["path"]
     vlm = load_vlm(args.model, device="cpu", dtype=torch.float32, adapter=args.adapter)
     adapter = _adapter_dir(args, vlm, workdir)
     onnx_dir = Path(args.onnx) if args.onnx else workdir / "onnx"
@@ -151,7 +136,8 @@ def run(args) -> list[dict]:
         export_onnx(adapter, onnx_dir, model=args.model, int8=True)
     merged_vlm = load_vlm(args.model, device="cpu", dtype=torch.float32, adapter=str(adapter))
     merged_vlm.model = merge_lora(merged_vlm.model)
-    items = scenes(args.n, args.image_size, args.seed)
+    items = scenes(args.n, args.seed)
+    truth = [answer for _, _, answer in items]
     quantized = load_manifest(onnx_dir)["int8"].values()
     sizes = {"fp32": sum(q["fp32_bytes"] for q in quantized) / 1e6, "int8": sum(q["bytes"] for q in quantized) / 1e6}
 
@@ -193,7 +179,7 @@ def run(args) -> list[dict]:
         for provider, fn, mb in providers:
             times, outputs = _time(fn, items, args.warmup)
             reference = reference or outputs
-            rows.append(_row(args.label or args.model, provider, threads, times, outputs, reference, mb))
+            rows.append(_row(args.label or args.model, provider, threads, times, outputs, reference, truth, mb))
             print(rows[-1], file=sys.stderr)
     return rows
 
@@ -227,14 +213,16 @@ def write(rows: list[dict], stem: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="model folder, hub id, 'tiny' or 'demo' (default tiny)")
+    parser.add_argument("--model", default="demo", help="model folder, hub id, 'demo' or 'tiny' (default demo)")
     parser.add_argument("--label", default=None, help="model name written in the CSV and plot (default: --model)")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (default: a fresh perturbed LoRA)")
-    parser.add_argument("--onnx", default=None, help="reuse this export folder instead of exporting")
+    parser.add_argument("--perturb", type=float, default=0.0, help="std of noise put in a fresh LoRA's lora_B")
+    parser.add_argument(
+        "--onnx", default=None, help="reuse this export folder instead of exporting (torch runs its recorded adapter)"
+    )
     parser.add_argument("--n", type=int, default=24, help="answers timed per provider")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=16, help="max new tokens per answer")
-    parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stem", default="onnx_latency", help="output file name stem under bench/results/")

@@ -18,6 +18,8 @@ Example inputs use sizes of at least 2 in every dynamic dimension: ``torch.expor
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from PIL import Image, ImageDraw
 
@@ -49,6 +51,9 @@ class DecoderGraph(torch.nn.Module):
         self.text, self.head, self.config = text_model, head, text_model.config
         self.embed = text_model.get_input_embeddings()
         self.image_token_id = image_token_id
+        # transformers 5.24 names the cache argument `cache`, earlier 5.x `past_key_values` (DESIGN section 4)
+        params = inspect.signature(text_model.forward).parameters
+        self.cache_argument = "cache" if "cache" in params else "past_key_values"
 
     def forward(self, input_ids, image_features, attention_mask, position_ids, past):
         from transformers import DynamicCache
@@ -60,8 +65,9 @@ class DecoderGraph(torch.nn.Module):
         embeds = torch.where(is_image[..., None], padded[index], embeds)
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         cache = DynamicCache(ddp_cache_data=pairs, config=self.config)
+        kwargs = {self.cache_argument: cache}
         out = self.text(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs
         )
         logits = self.head(out.last_hidden_state[:, -1])
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]

@@ -65,6 +65,9 @@ class Generation:
 
 @dataclass
 class Prepared:
+    """One prompt, ready for the graphs: token ids, the vision graph's feeds, the prompt's position ids and the
+    position of the first generated token."""
+
     input_ids: np.ndarray  # [1, L] int64
     vision_feeds: dict
     position_ids: np.ndarray  # [1, L] or [3, 1, L] int64
