@@ -83,6 +83,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=RESULTS / "memory_cpu.csv")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--repeats", type=int, default=1, help="fresh-process runs per case (CPU RSS is noisy)")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG of --out from its CSV")
     parser.add_argument("--worker", type=json.loads, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -326,6 +327,17 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def read_csv(path: Path) -> list[dict]:
+    rows = []
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            for key in ("peak_GB", "step_s"):
+                row[key] = float(row[key]) if row.get(key) else None
+            row["rollouts"] = int(row["rollouts"])
+            rows.append(row)
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -353,14 +365,16 @@ def plot(rows: list[dict], path: Path) -> None:
             ]
             ax.bar(xs, medians, width, yerr=spread, capsize=3, label=method)
     ticks = [i + 0.4 - width / 2 for i in range(len(labels))]
-    names = [f"{m}\n{q} N={n}" for m, q, n in labels]
+    several = len({m for m, _, _ in labels}) > 1
+    names = [(f"{m}\n" if several else "") + f"{q} N={n}" for m, q, n in labels]
     device = good[0]["device"]
     for ax, title in zip(axes, (f"peak memory (GB, {device})", f"step time (s, {device})")):
         ax.set_xticks(ticks, names, fontsize=8)
         ax.set_title(title)
         ax.legend()
+    models = ", ".join(sorted({r["model"] for r in good}))
     fig.suptitle(
-        f"one TTRV step, {good[0]['new_tokens']} new tokens, {good[0]['dtype']}, random weights "
+        f"{models}: one TTRV step, {good[0]['new_tokens']} new tokens, {good[0]['dtype']}, random weights\n"
         "(bars: median of runs, whiskers: min-max)"
     )
     fig.tight_layout()
@@ -372,6 +386,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         sys.stdout.write(json.dumps(worker(args.worker)) + "\n")
+        return 0
+    if args.replot:
+        plot(read_csv(args.out), args.out.with_suffix(".png"))
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
