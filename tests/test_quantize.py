@@ -152,3 +152,15 @@ def test_frozen_quantized_linear_backward_matches_quanto(int8_vlm, test_image):
     assert all(float(g.abs().max()) > 0 for g in grads[0])
     for ours, quanto in zip(*grads):
         torch.testing.assert_close(ours, quanto, atol=1e-6, rtol=1e-4)
+
+
+def test_api_passes_quantize_to_the_loader(tiny_idefics3_dir, test_image):
+    """`ttrv-edge adapt --quantize int8` reaches load_vlm through the public API and a step runs."""
+    from optimum.quanto import QLinear
+
+    from ttrv_edge.api import TTRVAdapter
+
+    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), quantize="int8", rollouts=4, steps=1, max_new_tokens=4)
+    assert any(isinstance(m, QLinear) for m in api.vlm.model.modules())
+    result = api.adapt(test_image, "Which shape?", choices=["circle", "square"])
+    assert result.after is not None

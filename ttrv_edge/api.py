@@ -158,6 +158,7 @@ def _load_checked(model: str, config: TTRVConfig, adapter: str | None, trust_rem
                 trust_remote_code=trust_remote_code,
                 device=device,
                 adapter=adapter,
+                quantize=config.quantize,
             )
         except ValueError as error:
             if trust_remote_code or "custom code" not in str(error):
