@@ -110,3 +110,41 @@ def test_cli_eval_prints_one_json_document(capsys):
     assert code == 0
     record = json.loads(capsys.readouterr().out)
     assert record["corruption"] == "contrast" and record["n"] == 2 and record["method"] == "base"
+
+
+def test_sincos_positions_give_every_patch_a_distinct_unit_scale_code():
+    from ttrv_edge.demo.train import sincos_positions
+
+    table = sincos_positions(8, 128)
+    assert table.shape == (64, 128)
+    distances = np.linalg.norm(table.numpy()[:, None] - table.numpy()[None], axis=-1)
+    assert distances[~np.eye(64, dtype=bool)].min() > 0.1  # no two patches share a position code
+    assert 0.5 < float(table.pow(2).mean().sqrt()) < 1.0  # unit-scale, not N(0, 0.02)
+
+
+def test_train_runs_both_phases_and_saves_a_loadable_model(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from ttrv_edge.demo.train import sincos_positions, train
+
+    out = tmp_path / "demo"
+    lines = []
+    summary = train(
+        out, steps=2, vision_steps=2, batch_size=2, vision_batch_size=2, hidden=32, layers=1, pool_size=8,
+        eval_every=2, threads=1, log=lines.append,
+    )
+    assert summary["steps"] == 2 and summary["recipe"]["vision_steps"] == 2
+    assert any(line.startswith("VAL after vision warm-up") for line in lines)
+    assert json.loads((out / "train_log.json").read_text())["history"][0]["step"] == 2
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    positions = model.model.vision_model.embeddings.position_embedding.weight.float()
+    # trained for 4 steps from the sin-cos start: still close to it, far from the N(0, 0.02) default
+    assert float((positions.detach() - sincos_positions(8, 32)).abs().max()) < 0.05
+
+
+def test_train_rejects_bad_options_before_building_anything(tmp_path):
+    from ttrv_edge.demo.train import train
+
+    with pytest.raises(ValueError, match="--smoothing"):
+        train(tmp_path / "x", smoothing=1.5)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.building").exists()

@@ -17,7 +17,12 @@ def train_command(
     out: Annotated[
         Path | None, typer.Option(help="Where to save the model (default: the packaged ttrv_edge/demo/model).")
     ] = None,
-    steps: Annotated[int, typer.Option(help="Most training steps (it stops earlier at --target-acc).")] = 5000,
+    steps: Annotated[
+        int, typer.Option(help="Most joint training steps (it stops earlier at --target-acc).")
+    ] = 3000,
+    vision_steps: Annotated[
+        int, typer.Option(help="Probe-only steps of the vision tower before the answer loss joins (0 = none).")
+    ] = 3000,
     batch_size: Annotated[int, typer.Option(help="Scenes per step.")] = 32,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = 1e-3,
     smoothing: Annotated[float, typer.Option(help="Label smoothing of the answer word over its word pool.")] = 0.1,
@@ -42,6 +47,7 @@ def train_command(
         layers=layers,
         seed=seed,
         aux_weight=aux_weight,
+        vision_steps=vision_steps,
         init=init,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
