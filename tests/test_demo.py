@@ -130,8 +130,17 @@ def test_train_runs_both_phases_and_saves_a_loadable_model(tmp_path):
     out = tmp_path / "demo"
     lines = []
     summary = train(
-        out, steps=2, vision_steps=2, batch_size=2, vision_batch_size=2, hidden=32, layers=1, pool_size=8,
-        eval_every=2, threads=1, log=lines.append,
+        out,
+        steps=2,
+        vision_steps=2,
+        batch_size=2,
+        vision_batch_size=2,
+        hidden=32,
+        layers=1,
+        pool_size=8,
+        eval_every=2,
+        threads=1,
+        log=lines.append,
     )
     assert summary["steps"] == 2 and summary["recipe"]["vision_steps"] == 2
     assert any(line.startswith("VAL after vision warm-up") for line in lines)

@@ -17,9 +17,7 @@ def train_command(
     out: Annotated[
         Path | None, typer.Option(help="Where to save the model (default: the packaged ttrv_edge/demo/model).")
     ] = None,
-    steps: Annotated[
-        int, typer.Option(help="Most joint training steps (it stops earlier at --target-acc).")
-    ] = 3000,
+    steps: Annotated[int, typer.Option(help="Most joint training steps (it stops earlier at --target-acc).")] = 3000,
     vision_steps: Annotated[
         int, typer.Option(help="Probe-only steps of the vision tower before the answer loss joins (0 = none).")
     ] = 3000,
