@@ -22,6 +22,8 @@ import os
 import time
 from pathlib import Path
 
+from ttrv_edge.demo import BENCH_EPOCHS, BENCH_LR
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # tiny model on a shared CPU: see DESIGN section 4
 
 RESULTS = Path(__file__).parent / "results"
@@ -296,9 +298,9 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=0, help="first scene seed")
     parser.add_argument("--rollouts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=BENCH_EPOCHS)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=BENCH_LR)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=8)

@@ -83,11 +83,12 @@ def demo_engine():
 def test_packaged_model_answers_clean_scenes(demo_engine):
     from ttrv_edge.demo.eval import summarise
 
-    scenes = [make_scene(seed, kind="colour") for seed in range(8)]
+    scenes = [make_scene(seed) for seed in range(32)]  # all three question kinds
+    assert {s.kind for s in scenes} == {"shape", "colour", "count"}
     items = [demo_engine.prepare(f"s{i}", s.image(), s.question) for i, s in enumerate(scenes)]
     predictions = [demo_engine.predict(item, seed=i) for i, item in enumerate(items)]
-    # colour is the question kind the shipped model answers best (about 0.9 on held-out clean scenes, see README)
-    assert summarise(predictions, [s.answer for s in scenes])["greedy"] >= 0.75
+    # the shipped model answers 0.918 of the 256 clean benchmark scenes greedily (README); chance is 0.25
+    assert summarise(predictions, [s.answer for s in scenes])["greedy"] >= 0.8
 
 
 def test_eval_runs_one_condition_before_and_after(demo_engine):

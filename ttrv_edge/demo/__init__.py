@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["demo_model_dir"]
+__all__ = ["BENCH_EPOCHS", "BENCH_LR", "demo_model_dir"]
+
+# The shift benchmark's tuned settings (chosen on gaussian noise and contrast, severity 3, 48 scenes; README), shared
+# by ``ttrv-edge eval`` and bench/bench_shift.py so that one command reproduces one row of the table.
+BENCH_LR = 5e-3
+BENCH_EPOCHS = 4
 
 
 def demo_model_dir() -> Path:

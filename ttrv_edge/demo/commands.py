@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from . import BENCH_EPOCHS, BENCH_LR
+
 
 def train_command(
     out: Annotated[
@@ -63,9 +65,9 @@ def eval_command(
     model: Annotated[str, typer.Option(help="Model folder, hub id, or 'demo'.")] = "demo",
     rollouts: Annotated[int, typer.Option(help="N samples per input.")] = 8,
     steps: Annotated[int, typer.Option(help="Episodic steps per scene.")] = 3,
-    epochs: Annotated[int, typer.Option(help="Transductive epochs.")] = 2,
+    epochs: Annotated[int, typer.Option(help="Transductive epochs.")] = BENCH_EPOCHS,
     batch_size: Annotated[int, typer.Option(help="Transductive inputs per update.")] = 4,
-    lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = 5e-4,
+    lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = BENCH_LR,
     alpha: Annotated[float, typer.Option(help="Entropy-reward weight.")] = 0.75,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
