@@ -129,18 +129,21 @@ class AuxHead(torch.nn.Module):
     def _keep(self, module, args, output):
         self.features = output
 
-    def loss(self, scenes: list[Scene]) -> torch.Tensor:
+    def heads(self, scenes: list[Scene]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, targets) of the shape, colour and count heads for the features of the last forward."""
         logits = self.linear(self.features.reshape(len(scenes), -1).float())
-        shape = torch.tensor([SHAPES.index(s.largest.shape) for s in scenes])
-        colour = torch.tensor([list(COLOURS).index(s.largest.colour) for s in scenes])
-        count = torch.tensor([len(s.objects) - 1 for s in scenes])
         n_shape, n_colour = len(SHAPES), len(COLOURS)
-        ce = torch.nn.functional.cross_entropy
-        return (
-            ce(logits[:, :n_shape], shape)
-            + ce(logits[:, n_shape : n_shape + n_colour], colour)
-            + ce(logits[:, n_shape + n_colour :], count)
-        )
+        return {
+            "shape": (logits[:, :n_shape], torch.tensor([SHAPES.index(s.largest.shape) for s in scenes])),
+            "colour": (
+                logits[:, n_shape : n_shape + n_colour],
+                torch.tensor([list(COLOURS).index(s.largest.colour) for s in scenes]),
+            ),
+            "count": (logits[:, n_shape + n_colour :], torch.tensor([len(s.objects) - 1 for s in scenes])),
+        }
+
+    def loss(self, scenes: list[Scene]) -> torch.Tensor:
+        return sum(torch.nn.functional.cross_entropy(logits, y) for logits, y in self.heads(scenes).values())
 
 
 def loss_and_accuracy(model, batch: dict, smoothing: float) -> tuple[torch.Tensor, float, float]:
@@ -335,14 +338,8 @@ def probe_accuracy(model, aux: AuxHead, scenes, images) -> dict:
     """The vision probe's accuracy on shape, colour and count of the largest object (a vision-tower diagnostic)."""
     inner = model.model
     inner.connector(inner.vision_model(pixel_values=pixels(images)[:, 0]).last_hidden_state)
-    logits = aux.linear(aux.features.reshape(len(scenes), -1).float())
-    n_shape, n_colour = len(SHAPES), len(COLOURS)
-    truth = {
-        "shape": (logits[:, :n_shape], [SHAPES.index(s.largest.shape) for s in scenes]),
-        "colour": (logits[:, n_shape : n_shape + n_colour], [list(COLOURS).index(s.largest.colour) for s in scenes]),
-        "count": (logits[:, n_shape + n_colour :], [len(s.objects) - 1 for s in scenes]),
-    }
-    return {k: round(float((v.argmax(-1) == torch.tensor(t)).float().mean()), 3) for k, (v, t) in truth.items()}
+    heads = aux.heads(scenes)
+    return {k: round(float((logits.argmax(-1) == y).float().mean()), 3) for k, (logits, y) in heads.items()}
 
 
 @torch.no_grad()
