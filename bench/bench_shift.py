@@ -177,13 +177,12 @@ def cmd_report(args) -> None:
     head = ["corruption", "severity", "method", "tag", "n", "lr", "epochs", "T", "N"]
     head += ["greedy before", "greedy after", "sampled after", "entropy after"]
     _write_markdown(RESULTS / "shift_tuning.md", head, tuning)
-    tags = sorted({k[3] for k in every if not k[3].startswith("tune")})
-    for tag in tags:
+    base = {k[:3]: r for k, r in every.items() if k[2] == "base" and k[3] == ""}  # independent of the settings
+    for tag in sorted({k[3] for k in every if not k[3].startswith("tune")}):
         runs = {k[:3]: r for k, r in every.items() if k[3] == tag}
-        for (c, s, m, t), r in every.items():  # base does not depend on the adaptation settings
-            if m == "base" and t == "" and (c, s, m) not in runs and any(k[:2] == (c, s) for k in runs):
-                runs[(c, s, m)] = r
-        _write_table(runs, "shift_table" + (f"_{tag}" if tag else ""))
+        conditions = {k[:2] for k in runs}
+        runs = {**{k: r for k, r in base.items() if k[:2] in conditions}, **runs}
+        _write_table(runs, f"shift_table_{tag}" if tag else "shift_table")
     ablation = _latest(RESULTS / "shift_ablation.jsonl", lambda r: (r["corruption"], r["severity"], r["variant"]))
     head = [
         "corruption",
@@ -237,12 +236,10 @@ def _write_table(runs: dict, stem: str) -> None:
     for severity in sorted({r[1] for r in table if r[0] != "clean"}):
         shifted = [r for r in table if r[0] != "clean" and r[1] == severity]
         held_out = [r for r in shifted if r[0] not in TUNING_CORRUPTIONS]
-        for label, rows in (
-            (f"mean of {len(shifted)} shifts", shifted),
-            (f"mean of {len(held_out)} held out", held_out),
-        ):
-            if not rows or (rows is held_out and len(held_out) == len(shifted)):
-                continue
+        groups = [(f"mean of {len(shifted)} shifts", shifted)]
+        if 0 < len(held_out) < len(shifted):
+            groups.append((f"mean of {len(held_out)} held out", held_out))
+        for label, rows in groups:
             mean = [label, severity, ""]
             for j in range(3, len(header)):
                 values = [r[j] for r in rows if r[j] is not None]

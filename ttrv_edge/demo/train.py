@@ -129,6 +129,11 @@ class AuxHead(torch.nn.Module):
     def _keep(self, module, args, output):
         self.features = output
 
+    def encode(self, model, images) -> None:
+        """Run the vision tower and connector alone on ``images`` (the hook keeps the features for ``heads``)."""
+        inner = model.model
+        inner.connector(inner.vision_model(pixel_values=pixels(images)[:, 0]).last_hidden_state)
+
     def heads(self, scenes: list[Scene]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(logits, targets) of the shape, colour and count heads for the features of the last forward."""
         logits = self.linear(self.features.reshape(len(scenes), -1).float())
@@ -202,7 +207,7 @@ def _vision_warmup(model, aux, scenes, images, steps, batch_size, lr, rng, log, 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     for step in range(1, steps + 1):
         idx = rng.sample(range(len(scenes)), batch_size)
-        inner.connector(inner.vision_model(pixel_values=pixels([images[i] for i in idx])[:, 0]).last_hidden_state)
+        aux.encode(model, [images[i] for i in idx])
         loss = aux.loss([scenes[i] for i in idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -273,12 +278,12 @@ def train(
     fixed_scenes = _scene_pool(TRAIN_SEED0, min(pool_size, 4096), fixed=True)[0] if fixed_steps else None
     val_scenes, val_images = _scene_pool(VAL_SEED0, 256)
     log(f"data: {pool_size} training scenes in {time.perf_counter() - started:.0f} s")
-    aux = AuxHead(model) if aux_weight > 0 or vision_steps > 0 else None
+    warmup_steps = vision_steps if init is None else 0  # a model given by ``init`` has a trained vision tower
+    aux = AuxHead(model) if aux_weight > 0 or warmup_steps > 0 else None
     rng = random.Random(seed)
-    if vision_steps > 0 and init is None:
-        _vision_warmup(model, aux, scenes, images, vision_steps, vision_batch_size, lr, rng, log, started)
-        val = evaluate_teacher_forced(model, encoder, val_scenes, val_images, smoothing)
-        log(f"VAL after vision warm-up: probe {probe_accuracy(model, aux, val_scenes, val_images)} answer {val}")
+    if warmup_steps > 0:
+        _vision_warmup(model, aux, scenes, images, warmup_steps, vision_batch_size, lr, rng, log, started)
+        log(f"VAL after vision warm-up: probe {probe_accuracy(model, aux, val_scenes, val_images)}")
     params = list(model.parameters()) + (list(aux.parameters()) if aux else [])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     history = []
@@ -314,7 +319,7 @@ def train(
         "history": history,
         "recipe": dict(
             aux_weight=aux_weight,
-            vision_steps=vision_steps if init is None else 0,
+            vision_steps=warmup_steps,
             vision_batch_size=vision_batch_size,
             init=str(init) if init else None,
             batch_size=batch_size,
@@ -336,8 +341,7 @@ def train(
 @torch.no_grad()
 def probe_accuracy(model, aux: AuxHead, scenes, images) -> dict:
     """The vision probe's accuracy on shape, colour and count of the largest object (a vision-tower diagnostic)."""
-    inner = model.model
-    inner.connector(inner.vision_model(pixel_values=pixels(images)[:, 0]).last_hidden_state)
+    aux.encode(model, images)
     heads = aux.heads(scenes)
     return {k: round(float((logits.argmax(-1) == y).float().mean()), 3) for k, (logits, y) in heads.items()}
 
