@@ -13,7 +13,7 @@ from ttrv_edge.api import TTRVAdapter
 from ttrv_edge.config import TTRVConfig
 from ttrv_edge.images import Item
 from ttrv_edge.models import backbone_hidden_states, lm_head, sequence_inputs
-from ttrv_edge.rollout import Rollouts, completion_logprobs, completion_mask, sample_rollouts
+from ttrv_edge.rollout import completion_logprobs, completion_mask, sample_rollouts
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,13 @@ def test_completion_logprobs_equal_log_softmax_of_full_logits(adapter, test_imag
     batch = sequence_inputs(inputs, sequences, attention)
     with torch.no_grad():
         hidden = backbone_hidden_states(vlm.model, **batch)
-        logits = lm_head(vlm.model)(hidden)[:, rollouts.prompt_length - 1 : -1]
+        logits = lm_head(vlm.model)(hidden)[:, rollouts.prompt_length - 1 : -1] + vlm.logit_bias()
     ref_logp, ref_entropy = kernels.logprob_entropy(
         logits.reshape(-1, logits.shape[-1]), rollouts.completion_ids.reshape(-1), 1.3, backend="torch"
     )
-    mask = rollouts.completion_mask
-    torch.testing.assert_close(logp, ref_logp.view_as(mask) * mask, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(entropy, ref_entropy.view_as(mask) * mask, atol=1e-5, rtol=1e-5)
+    keep = rollouts.completion_mask.bool()  # padding after EOS is a suppressed id: -inf there, masked out
+    torch.testing.assert_close(logp, torch.where(keep, ref_logp.view_as(keep), 0.0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, torch.where(keep, ref_entropy.view_as(keep), 0.0), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch_dir", ["tiny_idefics3_dir", "tiny_qwen2vl_dir"])
@@ -148,11 +148,32 @@ def test_transductive_runs_epochs_over_the_set(tiny_idefics3_dir, test_image, tm
     assert all(r.after is not None for r in results)
 
 
-def test_beta_adds_kl_to_the_adapter_disabled_model(tiny_idefics3_dir, test_image):
+def test_beta_adds_kl_to_the_adapter_disabled_model(tiny_idefics3_dir, test_image, monkeypatch):
+    """The KL's reference log-probs are those of the base model (LoRA made a no-op by zeroing B), not the adapted
+    model's: a reference that kept the adapter on would equal the policy's log-probs and give KL 0."""
+    from ttrv_edge import rollout
+
     api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), beta=0.1, **CONFIG)
     item = api._engine.prepare("img", test_image, ParityQuestion("Describe it."))
-    assert api._engine.step([item], 0, seed=1).updated
-    assert api._engine.step([item], 1, seed=2).loss is not None
+    assert api._engine.step([item], 0, seed=1).updated  # the adapter now differs from the base model
+    captured = []
+    real = rollout.kernels.grpo_loss
+    monkeypatch.setattr(rollout.kernels, "grpo_loss", lambda *a, **k: captured.append((a, k)) or real(*a, **k))
+    groups = [api._engine.sample(item, seed=2)]
+    assert api._engine.update(groups).loss is not None
+    (logp, *_), options = captured[0]
+    state = {n: p.detach().clone() for n, p in api.vlm.model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for name, p in api.vlm.model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+        base_logp, _ = completion_logprobs(api.vlm, groups[0][0], temperature=1.0, backend="torch")
+        for name, p in api.vlm.model.named_parameters():
+            if name in state:
+                p.copy_(state[name])
+    keep = groups[0][0].completion_mask.bool()
+    torch.testing.assert_close(options["ref_logp"][keep], base_logp[keep], atol=1e-5, rtol=1e-5)
+    assert float((options["ref_logp"] - logp.detach())[keep].abs().max()) > 1e-4
 
 
 def test_consensus_of():
@@ -167,42 +188,62 @@ def test_adapter_without_trainable_parameters_is_an_error(adapter):
         Adapter(adapter.vlm, TTRVConfig())
 
 
-@pytest.mark.parametrize("arch_dir", ["tiny_idefics3_dir", "tiny_qwen2vl_dir"])
-def test_training_logprobs_match_the_logits_seen_while_generating(arch_dir, request, test_image):
-    """The training forward (prompt + completion at once) scores each token as generation did, step by step.
-
-    This catches position-id mistakes (Qwen2-VL's 3-D rope) and off-by-one slicing of the hidden states.
-    """
-    vlm = TTRVAdapter.from_pretrained(str(request.getfixturevalue(arch_dir)), **CONFIG).vlm
-    inputs = vlm.prompt_inputs(test_image, "Which shape is red?")
-    with torch.no_grad():
-        out = vlm.model.generate(
-            **inputs,
-            do_sample=False,
-            max_new_tokens=5,
-            output_logits=True,
-            return_dict_in_generate=True,
-            eos_token_id=vlm.eos_token_ids,
-            pad_token_id=vlm.pad_token_id,
-        )
-    completion = out.sequences[:, inputs["input_ids"].shape[1] :]
-    steps = torch.stack(out.logits, dim=1).float()  # [1, T, V] raw logits at each generation step
-    expected = torch.log_softmax(steps, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-    rollouts = Rollouts(inputs, completion, completion_mask(completion, vlm.eos_token_ids), ["?"])
-    logp, _ = completion_logprobs(vlm, rollouts, temperature=1.0, backend="torch")
-    mask = rollouts.completion_mask.bool()
-    torch.testing.assert_close(logp[mask], expected[mask], atol=1e-4, rtol=1e-4)
-
-
 def test_triton_and_torch_backends_give_the_same_update(tiny_idefics3_dir, test_image):
-    """--backend triton (here under TRITON_INTERPRET=1) and --backend torch adapt to the same LoRA weights."""
-    states = []
+    """--backend triton (here under TRITON_INTERPRET=1) and --backend torch compute the same LoRA gradient from the
+    same rollouts. (Gradients, not weights after several steps: Adam turns fp32 rounding of near-zero gradient
+    entries into lr-sized moves, and a changed weight changes the next step's samples.)"""
+    grads = []
     for backend in ("torch", "triton"):
-        api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), backend=backend, keep=True, **CONFIG)
+        api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), backend=backend, **CONFIG)
         item = api._engine.prepare("img", test_image, ParityQuestion("Describe it."))
-        api._engine.adapt_episode(item)
-        states.append({n: p.detach().clone() for n, p in api.vlm.model.named_parameters() if "lora_" in n})
-    assert states[0].keys() == states[1].keys()
-    assert any(v.abs().sum() > 0 for n, v in states[0].items() if "lora_B" in n), "no update happened"
-    for name in states[0]:
-        torch.testing.assert_close(states[1][name], states[0][name], atol=1e-5, rtol=1e-4)
+        captured = {}
+        api._engine.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: captured.update(
+                {i: p.grad.clone() for i, p in enumerate(opt.param_groups[0]["params"])}
+            )
+        )
+        assert api._engine.update([api._engine.sample(item, seed=1)]).loss is not None
+        grads.append(captured)
+    scale = max(float(g.abs().max()) for g in grads[0].values())
+    assert scale > 0, "no gradient"
+    for i, g in grads[0].items():
+        torch.testing.assert_close(grads[1][i], g, atol=1e-5 * scale, rtol=0)
+
+
+def test_every_op_input_lives_on_the_models_device(adapter, test_image, monkeypatch):
+    """On a GPU the answer ids were built on the CPU and the Triton dispatch refused them at the first update. Here
+    the model's device plays the accelerator: during the update, tensors created without an explicit device land
+    on the 'meta' device, and the Triton dispatch accepts only tensors on the model's device."""
+    from ttrv_edge.kernels import dispatch
+
+    model_device = adapter.vlm.device
+    seen = []
+    monkeypatch.setattr(dispatch, "triton_usable", lambda t: seen.append(t.device) or t.device == model_device)
+    engine = Adapter(adapter.vlm, TTRVConfig(rollouts=6, max_new_tokens=6, backend="triton", beta=0.1))
+    item = engine.prepare("img", test_image, ParityQuestion("Describe it."))
+    groups = [engine.sample(item, seed=1)]
+    with torch.device("meta"):
+        outcome = engine.update(groups)
+    assert outcome.loss is not None and seen and set(seen) == {model_device}
+
+
+def test_groups_without_signal_do_not_dilute_the_token_mean(adapter, test_image):
+    """A group whose rollouts all agree has zero advantages; it must not count in the token-mean's denominator, so
+    the update with it equals the update without it (TRL keeps such tokens in the denominator)."""
+    from ttrv_edge.models import load_lora_state, lora_state
+
+    engine = adapter._engine
+    item = engine.prepare("img", test_image, ParityQuestion("Describe it."))
+    informative = engine.sample(item, seed=1)
+    agreeing = (engine.sample(item, seed=2)[0], ["x"] * 6)
+    start = lora_state(adapter.vlm.model)
+    results = []
+    for groups in ([informative], [informative, agreeing]):
+        load_lora_state(adapter.vlm.model, start)
+        engine.reset()
+        loss = engine.update(groups).loss
+        results.append((loss, lora_state(adapter.vlm.model)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for name in start:
+        torch.testing.assert_close(results[0][1][name], results[1][1][name], atol=1e-7, rtol=1e-6)
+    assert any(not torch.equal(results[0][1][n], start[n]) for n in start)

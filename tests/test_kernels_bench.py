@@ -57,6 +57,15 @@ def test_bench_script_writes_csv_and_png(tmp_path, script, argv, n_rows):
         assert float(row["ms"]) > 0 and float(row["GB/s"]) > 0
         assert not math.isnan(float(row["peak_MB"])) and float(row["peak_MB"]) >= 0
     assert out.with_suffix(".png").stat().st_size > 0
+    if script == "bench_logprob_entropy":  # the bandwidth column is the op's traffic over the measured time
+        elem = {"fp32": 4, "bf16": 2}
+        assert {(r["N"], r["dtype"], r["pass"]) for r in written} == {
+            (n, d, p) for n in ("8", "16") for d in ("fp32", "bf16") for p in ("fwd", "fwd+bwd")
+        }
+        for r in written:
+            n, v = int(r["N"]), int(r["V"])
+            traffic = n * v * elem[r["dtype"]] * (1 if r["pass"] == "fwd" else 3) + n * 16
+            assert float(r["GB/s"]) == pytest.approx(traffic / (float(r["ms"]) * 1e-3) / 1e9, rel=1e-3)
 
 
 def test_triton_provider_runs_under_the_interpreter(tmp_path):

@@ -156,10 +156,22 @@ def _randomise_lora_b(model):
 
 
 def _update(vlm, groups, start, **config):
+    """One update from ``start``; returns (loss, LoRA state, engine, rows per loss forward)."""
     load_lora_state(vlm.model, start)
     engine = Adapter(vlm, TTRVConfig(rollouts=8, max_new_tokens=6, lr=1e-3, **config))
-    loss, _, _ = engine.update(groups)
-    return loss, lora_state(vlm.model), engine
+    real, forwards = rollout.completion_logprobs, []
+
+    def counting(vlm_, part, **kwargs):
+        if torch.is_grad_enabled():
+            forwards.append(part.num)
+        return real(vlm_, part, **kwargs)
+
+    rollout.completion_logprobs = counting
+    try:
+        loss = engine.update(groups).loss
+    finally:
+        rollout.completion_logprobs = real
+    return loss, lora_state(vlm.model), engine, forwards
 
 
 @pytest.mark.parametrize(
@@ -172,12 +184,13 @@ def test_gradient_accumulation_equals_one_batch(vlm, test_image, options):
     _randomise_lora_b(vlm.model)
     start = lora_state(vlm.model)
     results = {rows: _update(vlm, groups, start, train_micro_batch=rows, **options) for rows in (1, 3, None)}
-    full_loss, full_state, engine = results[None]
-    assert engine.memory.chosen["train"] == 8
+    full_loss, full_state, engine, forwards = results[None]
+    updates = options.get("inner_updates", 1)
+    assert forwards == [8, 8] * updates  # two groups of 8 rollouts, one forward each
     assert any(not torch.equal(full_state[n], start[n]) for n in start)
     for rows in (1, 3):
-        loss, state, engine = results[rows]
-        assert engine.memory.chosen["train"] == rows
+        loss, state, engine, forwards = results[rows]
+        assert forwards == ([1] * 16 if rows == 1 else [3, 3, 2] * 2) * updates  # the loss really ran in micro-batches
         assert loss == pytest.approx(full_loss, rel=1e-5, abs=1e-7)
         for name in start:
             torch.testing.assert_close(state[name], full_state[name], atol=1e-6, rtol=1e-5, msg=name)
@@ -202,7 +215,7 @@ def test_self_certainty_gradient_accumulates_to_the_one_batch_gradient(vlm, test
                 {i: p.grad.clone() for i, p in enumerate(opt.param_groups[0]["params"])}
             )
         )
-        assert engine.update(groups)[0] is not None
+        assert engine.update(groups).loss is not None
         grads[rows] = captured
     assert any(float(g.abs().max()) > 0 for g in grads[None].values())
     for rows in (1, 3):
@@ -215,7 +228,7 @@ def test_update_backs_off_on_out_of_memory_and_keeps_the_step(vlm, test_image, m
     groups = _groups(vlm, test_image)
     _randomise_lora_b(vlm.model)
     start = lora_state(vlm.model)
-    clean_loss, clean_state, _ = _update(vlm, groups, start, train_micro_batch=2)
+    clean_loss, clean_state, _, _ = _update(vlm, groups, start, train_micro_batch=2)
     real = rollout.completion_logprobs
     seen = []
 
@@ -228,7 +241,7 @@ def test_update_backs_off_on_out_of_memory_and_keeps_the_step(vlm, test_image, m
         return real(vlm_, rollouts, **kwargs)
 
     monkeypatch.setattr(rollout, "completion_logprobs", flaky)
-    loss, state, engine = _update(vlm, groups, start)
+    loss, state, engine, _ = _update(vlm, groups, start)
     assert seen[:3] == [8, 4, 4] and engine.memory.oom_retries == 2
     assert engine.memory.report()["train_micro_batch"] == 2
     assert loss == pytest.approx(clean_loss, rel=1e-5)

@@ -32,10 +32,12 @@ def inputs(vlm, test_image):
 
 
 def test_shared_prefix_greedy_equals_plain_generate(vlm, inputs):
-    plain, _ = generate_completions(vlm, inputs, 1, max_new_tokens=10, temperature=None, shared_prefix=False)
-    shared, mask = generate_completions(
+    plain = generate_completions(vlm, inputs, 1, max_new_tokens=10, temperature=None, shared_prefix=False).ids
+    greedy = generate_completions(
         vlm, inputs, 3, max_new_tokens=10, temperature=None, shared_prefix=True, micro_batch=2
     )
+    shared, mask = greedy.ids, greedy.mask
+    assert greedy.sampler_logp is None
     assert shared.shape == (3, plain.shape[1])
     for row in shared:
         assert row.tolist() == plain[0].tolist()
@@ -169,11 +171,11 @@ def test_sampling_backs_off_on_out_of_memory(vlm, inputs, monkeypatch):
     real = rollout._decode_from
     calls = []
 
-    def flaky(vlm_, inputs_, cache, rows, kwargs):
+    def flaky(vlm_, inputs_, cache, rows, *args):
         calls.append(rows)
         if rows > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(vlm_, inputs_, cache, rows, kwargs)
+        return real(vlm_, inputs_, cache, rows, *args)
 
     monkeypatch.setattr(rollout, "_decode_from", flaky)
     planner = MemoryPlanner(vlm.model)

@@ -26,12 +26,27 @@ import torch
 from .answers import Question, answer_distribution, majority_answer
 from .checkpoints import RunCheckpoint, save_adapter
 from .config import TTRVConfig
-from .guards import CollapseGuard, guarded_update, take_snapshot
+from .guards import (
+    NONFINITE_WEIGHTS,
+    CollapseGuard,
+    all_finite,
+    nonfinite_reason,
+    restore_snapshot,
+    take_snapshot,
+)
 from .memory import MemoryPlanner, run_with_backoff
 from .models import LoadedVLM, load_lora_state, lora_state
 from .quantize import check_loaded
 from .rewards import compute_rewards
-from .rollout import Rollouts, greedy_text, grpo_backward, sample_rollouts, score_rollouts, train_shape
+from .rollout import (
+    Rollouts,
+    greedy_text,
+    grpo_backward,
+    logprob_gap,
+    sample_rollouts,
+    score_rollouts,
+    train_shape,
+)
 
 Progress = Callable[[int], None]
 """Called with the number of work units just finished (one unit = one sampling round)."""
@@ -59,6 +74,32 @@ class StepRecord:
     updated: bool
     answer_entropy: float
     skipped: str | None = None  # why the update was undone (e.g. "non-finite loss"); None when it ran or had no signal
+    logprob_gap: float | None = None  # max |log-prob under the sampler - under the training forward|, before the update
+
+
+@dataclass
+class UpdateOutcome:
+    """What one ``update`` did: the loss (None when skipped or without signal), the mean reward, each group's answer
+    entropy, why it was undone (if it was) and the sampler-vs-training log-prob gap of the tokens it trained on."""
+
+    loss: float | None
+    mean_reward: float
+    answer_entropies: list[float]
+    skipped: str | None = None
+    logprob_gap: float | None = None
+
+    def record(self, step: int, consensus: float, seconds: float) -> StepRecord:
+        return StepRecord(
+            step=step,
+            mean_reward=self.mean_reward,
+            consensus=consensus,
+            loss=self.loss,
+            seconds=seconds,
+            updated=self.loss is not None,
+            answer_entropy=sum(self.answer_entropies) / len(self.answer_entropies),
+            skipped=self.skipped,
+            logprob_gap=self.logprob_gap,
+        )
 
 
 @dataclass
@@ -169,25 +210,31 @@ class Adapter:
         )
         return rollouts, [item.question.extract(t) for t in rollouts.texts]
 
-    def update(self, groups: list[tuple[Rollouts, list[str | None]]]) -> tuple[float | None, float, list[float]]:
-        """One GRPO update on the sampled groups. Returns (loss or None if skipped, mean reward, entropies).
+    def update(self, groups: list[tuple[Rollouts, list[str | None]]]) -> UpdateOutcome:
+        """One GRPO update on the sampled groups, as a straight recipe: rewards -> reference log-probs -> backward over
+        micro-batches -> guarded optimizer step (repeated ``inner_updates`` times).
 
-        The loss forward/backward runs in micro-batches of rollouts sized by ``self.memory`` (the memory budget),
-        gradients accumulating over them, so the update equals the one-batch update. An out-of-memory error halves
-        the micro-batch and redoes the pass from its start (``run_with_backoff``): the step is never lost. The
-        self-certainty reward needs every rollout's token entropy before the first backward, so it comes from a
-        no-grad scoring pass, which also gives the old log-probs.
+        Only informative groups are trained on: a group whose advantages are all zero (every rollout agreed) adds
+        nothing to the gradient, and its tokens are also left out of the token-mean's denominator so that they do not
+        shrink the step of the groups that carry signal (TRL's GRPOTrainer keeps them in the denominator). The loss
+        runs in micro-batches sized by the memory budget, gradients accumulating, so the update equals the one-batch
+        update; an out-of-memory error halves the micro-batch and redoes the pass (``run_with_backoff``). The base
+        model stays in eval mode: its dropout (vision tower included) must not differ from the sampler's.
+        ``skip_nonfinite``: a NaN/Inf loss, gradient or weight restores the LoRA weights and optimizer state from
+        before the update, and the outcome says why.
         """
         cfg = self.config
         rollouts = [r for r, _ in groups]
         shape = train_shape(self.vlm, rollouts)
         size = self.memory.micro_batch("train", max(r.num for r in rollouts), shape)
+        # 1. rewards and advantages (self-certainty needs every rollout's token entropy first: a no-grad pass)
         old = token_entropy = None
         if cfg.entropy_signal == "self-certainty":
             scored, size = self._with_backoff(lambda n: [self._score(r, n) for r in rollouts], size, shape)
             old = [logp for logp, _ in scored]
-            entropies = [_mean_over_tokens(e, r.completion_mask) for (_, e), r in zip(scored, rollouts)]
-            token_entropy = torch.stack(entropies)
+            token_entropy = torch.stack(
+                [_mean_over_tokens(e, r.completion_mask) for (_, e), r in zip(scored, rollouts)]
+            )
         rewards = compute_rewards(
             [a for _, a in groups],
             reward=cfg.reward,
@@ -195,33 +242,49 @@ class Adapter:
             entropy_signal=cfg.entropy_signal,
             token_entropy=token_entropy,
             baseline=cfg.baseline,
-            backend=cfg.backend,
+            device=self.vlm.device,
         )
-        if not bool((rewards.advantages.abs() > 0).any()) or not any(bool(r.completion_mask.any()) for r in rollouts):
-            return None, float(rewards.rewards.mean()), rewards.answer_entropy.tolist()
+        outcome = UpdateOutcome(None, float(rewards.rewards.mean()), rewards.answer_entropy.tolist())
+        informative = [
+            g
+            for g, r in enumerate(rollouts)
+            if bool(rewards.advantages[g].abs().max() > 0) and bool(r.completion_mask.any())
+        ]
+        if not informative:
+            return outcome
+        train = [rollouts[g] for g in informative]
+        advantages = rewards.advantages[informative]
+        old = None if old is None else [old[g] for g in informative]
+        # 2. reference log-probs: the same model with the adapter disabled
         refs = None
         if cfg.beta > 0:
             with self.vlm.model.disable_adapter():
-                refs, size = self._with_backoff(lambda n: [self._score(r, n)[0] for r in rollouts], size, shape)
-        loss_value = None
+                refs, size = self._with_backoff(lambda n: [self._score(r, n)[0] for r in train], size, shape)
+        # 3. backward over micro-batches, then a guarded optimizer step
+        params = [p for p in self.vlm.model.parameters() if p.requires_grad]
+        snapshot = take_snapshot(self.vlm.model, self.optimizer) if cfg.skip_nonfinite else None
         for _ in range(cfg.inner_updates):
 
-            def attempt(n: int, old=old):
+            def backward_pass(n: int, old=old):
                 self.optimizer.zero_grad(set_to_none=True)  # a retry after an OOM starts from clean gradients
-                return grpo_backward(self.vlm, rollouts, rewards.advantages, cfg, n, old_logp=old, ref_logp=refs)
+                return grpo_backward(self.vlm, train, advantages, cfg, n, old_logp=old, ref_logp=refs)
 
-            self.vlm.model.train()
-            try:
-                (loss_value, logps), size = self._with_backoff(attempt, size, shape)
-            finally:
-                self.vlm.model.eval()
+            (loss, logps), size = self._with_backoff(backward_pass, size, shape)
+            if outcome.logprob_gap is None:
+                outcome.logprob_gap = logprob_gap(train, logps)
             old = old if old is not None else logps
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.vlm.model.parameters() if p.requires_grad], cfg.max_grad_norm
-                )
-            self.optimizer.step()
-        return loss_value, float(rewards.rewards.mean()), rewards.answer_entropy.tolist()
+            outcome.skipped = nonfinite_reason(loss, params) if snapshot is not None else None
+            if outcome.skipped is None:
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                self.optimizer.step()
+                if snapshot is not None and not all_finite(params):
+                    outcome.skipped = NONFINITE_WEIGHTS
+            if outcome.skipped is not None:
+                restore_snapshot(self.vlm.model, self.optimizer, snapshot)
+                return outcome
+            outcome.loss = loss
+        return outcome
 
     def _score(self, rollouts: Rollouts, micro_batch: int):
         cfg = self.config
@@ -238,17 +301,8 @@ class Adapter:
         start = time.perf_counter()
         groups = [self.sample(item, item_seed(seed, i)) for i, item in enumerate(items)]
         consensus = sum(consensus_of(a) for _, a in groups) / len(groups)
-        loss, mean_reward, entropies, skipped = guarded_update(self, groups)
-        return StepRecord(
-            step=step,
-            mean_reward=mean_reward,
-            consensus=consensus,
-            loss=loss,
-            seconds=time.perf_counter() - start,
-            updated=loss is not None,
-            answer_entropy=sum(entropies) / len(entropies),
-            skipped=skipped,
-        )
+        outcome = self.update(groups)
+        return outcome.record(step, consensus, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ the two modes
 
@@ -279,9 +333,8 @@ class Adapter:
                 if progress:
                     progress(cfg.steps - k)
                 break
-            loss, mean_reward, entropies, skipped = guarded_update(self, [(rollouts, answers)])
-            seconds = time.perf_counter() - start
-            steps.append(StepRecord(k, mean_reward, consensus, loss, seconds, loss is not None, entropies[0], skipped))
+            outcome = self.update([(rollouts, answers)])
+            steps.append(outcome.record(k, consensus, time.perf_counter() - start))
             if progress:
                 progress(1)
         result.steps = steps

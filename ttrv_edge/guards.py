@@ -1,10 +1,9 @@
 """Run guards: a NaN/Inf step guard and a label-free collapse detector for transductive adaptation.
 
-Non-finite steps. ``guarded_update`` wraps one ``Adapter.update`` call. Right before each optimizer step (an
-optimizer pre-hook, so ``update`` itself needs no change) it snapshots the LoRA weights and optimizer state (only
-once per update, and only when a step is about to happen, so a group without signal costs nothing) and checks the
-gradients. A NaN/Inf gradient drops the gradients so that step changes nothing; afterwards a NaN/Inf loss, a flagged
-gradient or a non-finite weight restores the snapshot, so the adapter is bit-identical to before the update, and the
+Non-finite steps. The update recipe calls these helpers explicitly: before its first optimizer step it takes a
+``Snapshot`` of the LoRA weights and optimizer state (only when a step is about to happen, so a group without signal
+costs nothing); ``nonfinite_reason`` checks the loss and gradients before each step and ``all_finite`` the weights
+after it. On any NaN/Inf the snapshot is restored, so the adapter is bit-identical to before the update, and the
 step is reported as skipped with the reason. The run continues with the next step.
 
 Collapse. The paper reports that long adaptation can collapse a model to one answer for every input (one dataset
@@ -72,56 +71,21 @@ def restore_snapshot(model, optimizer: torch.optim.Optimizer, snapshot: Snapshot
     optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
 
 
-def _trainable(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+def all_finite(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """Every given tensor (None entries ignored) holds only finite values."""
     tensors = [t for t in tensors if t is not None]
     if not tensors:
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def guarded_update(adapter, groups) -> tuple[float | None, float | None, list[float], str | None]:
-    """``adapter.update(groups)`` that never leaves NaN/Inf in the adapter.
-
-    Returns (loss, mean reward, per-group answer entropies, skipped): ``skipped`` is None when the update ran or
-    had no signal, else the reason it was undone (then loss is None and the weights and optimizer state are
-    exactly those from before the call).
-    """
-    if not adapter.config.skip_nonfinite:
-        loss, mean_reward, entropies = adapter.update(groups)
-        return loss, mean_reward, entropies, None
-    model, optimizer = adapter.vlm.model, adapter.optimizer
-    params = _trainable(model)
-    state: dict = {"snapshot": None, "bad_gradient": False}
-
-    def before_step(_optimizer, _args, _kwargs):
-        if state["snapshot"] is None:
-            state["snapshot"] = take_snapshot(model, optimizer)
-        if not _all_finite([p.grad for p in params]):
-            state["bad_gradient"] = True
-            for p in params:
-                p.grad = None  # the optimizer skips parameters without a gradient: this step changes nothing
-
-    handle = optimizer.register_step_pre_hook(before_step)
-    try:
-        loss, mean_reward, entropies = adapter.update(groups)
-    finally:
-        handle.remove()
-    reason = None
-    if loss is not None and not math.isfinite(loss):
-        reason = NONFINITE_LOSS
-    elif state["bad_gradient"]:
-        reason = NONFINITE_GRADIENT
-    elif state["snapshot"] is not None and not _all_finite(params):
-        reason = NONFINITE_WEIGHTS
-    if reason is not None:
-        if state["snapshot"] is not None:
-            restore_snapshot(model, optimizer, state["snapshot"])
-        loss = None
-    return loss, mean_reward, entropies, reason
+def nonfinite_reason(loss: float, params: Sequence[torch.nn.Parameter]) -> str | None:
+    """Why an optimizer step must not run after this backward (NaN/Inf loss or gradient), or None."""
+    if not math.isfinite(loss):
+        return NONFINITE_LOSS
+    if not all_finite([p.grad for p in params]):
+        return NONFINITE_GRADIENT
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ collapse guard

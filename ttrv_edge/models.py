@@ -42,6 +42,7 @@ __all__ = [
     "load_vlm",
     "lm_head",
     "lora_state",
+    "policy_generation_config",
     "resolve_model_path",
     "sequence_inputs",
 ]
@@ -106,8 +107,28 @@ class LoadedVLM:
     def suppress_token_ids(self) -> list[int]:
         """Token ids a completion must never contain: image/video placeholders and markers (a sampled placeholder
         breaks the next forward: "image features and image tokens do not match"), and the pad token unless it is
-        an EOS. ``load_vlm`` puts them in ``generation_config.suppress_tokens``; a custom sampler must mask them."""
-        return _suppress_ids(_base(self.model).config, self.processor, self.tokenizer, self.eos_token_ids)
+        an EOS; plus any the checkpoint's generation config suppresses. ``load_vlm`` puts them in
+        ``generation_config.suppress_tokens``; the sampler masks them and the loss adds the same -inf bias."""
+        found = set(_suppress_ids(_base(self.model).config, self.processor, self.tokenizer, self.eos_token_ids))
+        gen = getattr(_base(self.model), "generation_config", None)
+        found.update(int(i) for i in (getattr(gen, "suppress_tokens", None) or []))
+        return sorted(found)
+
+    def logit_bias(self) -> torch.Tensor | None:
+        """[V] bias added to the logits wherever log-probs are scored: lm_head's own bias (if any) plus -inf at the
+        suppressed ids, so the loss scores tokens under the distribution the sampler drew them from. Cached."""
+        head = lm_head(self.model)
+        key = (head.weight.device, head.weight.dtype, tuple(self.suppress_token_ids))
+        cached = getattr(self, "_logit_bias", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        bias = None if head.bias is None else head.bias.detach().clone()
+        if key[2]:
+            if bias is None:
+                bias = torch.zeros(head.out_features, dtype=head.weight.dtype, device=head.weight.device)
+            bias[list(key[2])] = float("-inf")
+        self._logit_bias = (key, bias)
+        return bias
 
     @property
     def pad_token_id(self) -> int:
@@ -136,6 +157,70 @@ PLACEHOLDER_ATTRS = (
     "boi_token_id",
     "eoi_token_id",
 )
+
+
+# Generation-config fields that add a logits processor or warper, with the value at which they do nothing. ttrv-edge
+# samples from softmax((logits + suppression bias) / T) and scores the sampled tokens under exactly that
+# distribution; any of these would make the sampler differ from what the loss scores, so they are dropped.
+UNMODELLED_GENERATION_FIELDS = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": None,
+    "typical_p": 1.0,
+    "top_h": None,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "guidance_scale": 1.0,
+    "renormalize_logits": False,
+    "watermarking_config": None,
+}
+_warned_generation: set[str] = set()
+
+
+def policy_generation_config(original, eos_ids: list[int], suppress_ids: list[int], name: str):
+    """The generation config ttrv-edge installs on a loaded model: EOS, padding and the suppressed token ids, and
+    nothing else that changes the sampling distribution.
+
+    transformers fills every field a ``generate`` call leaves unset from the model's own generation config, so a
+    checkpoint's ``repetition_penalty`` or ``no_repeat_ngram_size`` would silently reach the sampler while the loss
+    scores tokens under the plain softmax. The suppressed ids are modelled (the loss adds the same -inf bias); every
+    other processor in ``UNMODELLED_GENERATION_FIELDS`` is dropped, and said once on stderr.
+    """
+    import sys
+
+    from transformers import GenerationConfig
+
+    ignored = {
+        field: getattr(original, field, None)
+        for field, neutral in UNMODELLED_GENERATION_FIELDS.items()
+        if getattr(original, field, None) not in (None, neutral) and getattr(original, field, None) != []
+    }
+    if ignored and name not in _warned_generation:
+        _warned_generation.add(name)
+        listed = ", ".join(f"{k}={v}" for k, v in sorted(ignored.items()))
+        sys.stderr.write(
+            f"ttrv-edge: {name}: ignoring generation_config settings it cannot score ({listed}); rollouts are "
+            "sampled from softmax(logits / temperature) with image placeholders suppressed\n"
+        )
+    pad = original.pad_token_id if original.pad_token_id is not None else eos_ids[0] if eos_ids else None
+    return GenerationConfig(
+        bos_token_id=original.bos_token_id,
+        eos_token_id=eos_ids or original.eos_token_id,
+        pad_token_id=pad,
+        suppress_tokens=suppress_ids or None,
+    )
 
 
 def _suppress_ids(config, processor, tokenizer, eos_ids: list[int]) -> list[int]:
@@ -446,7 +531,7 @@ def load_vlm(
     suppress = set(base.generation_config.suppress_tokens or []) | set(
         _suppress_ids(base.config, processor, tokenizer, eos)
     )
-    base.generation_config.suppress_tokens = sorted(suppress) or None
+    base.generation_config = policy_generation_config(base.generation_config, eos, sorted(suppress), name_or_path)
     model = _attach_lora(base, lora_rank, lora_alpha, lora_dropout, adapter)
     _check_lora_placement(model)
     for name, p in model.named_parameters():

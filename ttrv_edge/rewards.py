@@ -36,15 +36,15 @@ class GroupRewards:
         return self.rewards.std(-1, unbiased=False) > 0
 
 
-def answer_ids(groups: list[list[str | None]]) -> torch.Tensor:
-    """[G, N] int ids: equal answers share an id within a group, None becomes INVALID_ID."""
+def answer_ids(groups: list[list[str | None]], device: torch.device | str | None = None) -> torch.Tensor:
+    """[G, N] int ids on ``device``: equal answers share an id within a group, None becomes INVALID_ID."""
     if not groups or len({len(g) for g in groups}) != 1:
         raise ValueError("every group must have the same, non-zero number of rollouts")
     rows = []
     for answers in groups:
         ids: dict[str, int] = {}
         rows.append([INVALID_ID if a is None else ids.setdefault(a, len(ids)) for a in answers])
-    return torch.tensor(rows, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 def compute_rewards(
@@ -55,13 +55,17 @@ def compute_rewards(
     entropy_signal: str = "answer",
     token_entropy: torch.Tensor | None = None,
     baseline: str = "group",
-    backend: str = "auto",
+    device: torch.device | str | None = None,
+    backend: str = "torch",
 ) -> GroupRewards:
-    """Rewards and advantages for ``groups`` (one list of extracted answers per input).
+    """Rewards and advantages for ``groups`` (one list of extracted answers per input), on ``device`` (the model's:
+    every tensor an op receives lives where the op runs).
 
     ``token_entropy`` [G, N] is each rollout's mean token entropy, needed for ``entropy_signal="self-certainty"``.
+    ``backend``: the reward op is a few hundred flops per input, so the update keeps it in torch; "triton" is for
+    tests and benchmarks of the kernel.
     """
-    ids = answer_ids(groups)
+    ids = answer_ids(groups, device)
     if reward == "majority":
         rewards = majority_rewards(ids, INVALID_ID)
         _, _, entropy = kernels.group_rewards(ids, alpha=0.0, invalid_id=INVALID_ID, backend=backend)

@@ -18,11 +18,15 @@ of N x (P + T), in compute and in activation memory. The N-row path remains (``s
 ``shared_vision`` runs the frozen tower on one copy of the image and tiles its output for the N rows (forward hooks
 on the tower module, removed on exit) instead of encoding the image N times.
 
-Sampling uses the full distribution at the given temperature (no top-k or top-p truncation), so the sampling
-policy is the policy whose log-probs the loss uses, with one exception: image placeholders and padding
-(``LoadedVLM.suppress_token_ids``, set in the generation config by ``load_vlm``) are never sampled. A trained model
-never emits them, a random or shifted one may, and an image token in a completion would break the next forward.
-Their probability mass is tiny for a real model, so the log-probs of the loss ignore the suppression.
+Sampling and training use one distribution: softmax((logits + b) / T), where b is -inf at the suppressed ids
+(image placeholders and padding, ``LoadedVLM.suppress_token_ids``: a sampled image token would break the next
+forward) and 0 elsewhere. ``generate`` gets an explicit ``GenerationConfig`` built here (EOS, pad, max new tokens,
+the suppressed ids, no top-k/top-p) and one logits processor of ours, ``PolicyWarper``, which applies the
+temperature last and records the log-prob of every sampled token under the final, post-processor distribution
+(``Rollouts.sampler_logp``). The loss passes the same b into the fused lm_head op (``LoadedVLM.logit_bias``), and
+the update reports the largest difference between the two as ``logprob_gap``. Settings of a checkpoint's
+generation config that the loss cannot model (repetition penalty, n-gram blocking, min-p, ...) are dropped by
+``load_vlm``, which says so once on stderr.
 
 Micro-batches change how the sampler's random stream is consumed: the same seed and the same micro-batch size give
 the same rollouts; a different micro-batch size gives different (equally valid) rollouts.
@@ -36,10 +40,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from . import kernels
 from .memory import MemoryPlanner, WorkShape, chunks, run_with_backoff
-from .models import LoadedVLM, _base, _inner, backbone_hidden_states, lm_head, sequence_inputs
+from .models import (
+    UNMODELLED_GENERATION_FIELDS,
+    LoadedVLM,
+    _base,
+    _inner,
+    backbone_hidden_states,
+    lm_head,
+    sequence_inputs,
+)
 
 VISION_TOWERS = ("vision_model", "visual", "vision_tower")
 """Attribute names of the vision encoder on a VLM's inner model (Idefics3/SmolVLM, Qwen2-VL, LLaVA/InternVL)."""
@@ -53,6 +66,8 @@ class Rollouts:
     completion_ids: torch.Tensor  # [N, T] long, padded after EOS
     completion_mask: torch.Tensor  # [N, T] float, 1 up to and including EOS
     texts: list[str]
+    sampler_logp: torch.Tensor | None = None  # [N, T] fp32: each token's log-prob under the sampler (after all
+    # logits processors), for ``logprob_gap``; None for rollouts built by hand
 
     @property
     def num(self) -> int:
@@ -69,6 +84,7 @@ class Rollouts:
             completion_ids=self.completion_ids[rows],
             completion_mask=self.completion_mask[rows],
             texts=self.texts[rows],
+            sampler_logp=None if self.sampler_logp is None else self.sampler_logp[rows],
         )
 
 
@@ -93,16 +109,51 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(_base(model).forward).parameters else "past_key_values"
 
 
-def _generation_kwargs(vlm: LoadedVLM, max_new_tokens: int, temperature: float | None) -> dict:
-    kwargs = dict(
+class PolicyWarper(LogitsProcessor):
+    """The last logits processor of sampling: divides by the temperature and records, for every row, the log-prob
+    of each sampled token under the final distribution (after every processor, as ``output_scores`` reports it).
+
+    transformers appends its own temperature warper after custom processors, so the temperature is applied here
+    instead (the generation config keeps T = 1). A call sees the previous step's chosen token as the last column of
+    ``input_ids``; ``finish`` gathers the last step's. Memory: one [rows, V] log-softmax, not one per step.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.logps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores / self.temperature if self.temperature != 1.0 else scores
+        if self.previous is not None:
+            self.logps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[rows, t] log-probs of ``new_tokens`` (the generated columns) under the sampling distribution."""
+        if self.previous is not None and len(self.logps) < new_tokens.shape[1]:
+            self.logps.append(self.previous.gather(1, new_tokens[:, -1:]).squeeze(1))
+        self.previous = None
+        if not self.logps:
+            return new_tokens.new_zeros(new_tokens.shape, dtype=torch.float32)
+        return torch.stack(self.logps[: new_tokens.shape[1]], dim=1)
+
+
+def generation_config(vlm: LoadedVLM, max_new_tokens: int, temperature: float | None) -> GenerationConfig:
+    """The complete sampling (or greedy, temperature None) configuration: nothing is left for transformers to fill
+    in from the model's generation config, and no processor but the suppression of ``vlm.suppress_token_ids``."""
+    neutral = {k: v for k, v in UNMODELLED_GENERATION_FIELDS.items() if v is not None and k != "min_new_tokens"}
+    return GenerationConfig(
+        **neutral,
         max_new_tokens=max_new_tokens,
         do_sample=temperature is not None,
+        temperature=1.0,
+        num_beams=1,
         eos_token_id=vlm.eos_token_ids,
         pad_token_id=vlm.pad_token_id,
+        suppress_tokens=vlm.suppress_token_ids or None,
     )
-    if temperature is not None:
-        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-    return kwargs
 
 
 def prefill(vlm: LoadedVLM, inputs: dict):
@@ -130,23 +181,31 @@ def expand_cache(cache, rows: int):
     return expanded
 
 
-def _decode_from(vlm: LoadedVLM, inputs: dict, cache, rows: int, kwargs: dict) -> torch.Tensor:
-    """``rows`` continuations of the prompt decoded from its prefilled ``cache``: [rows, t] new tokens."""
+def _generate(vlm: LoadedVLM, call: dict, prompt_length: int, config, temperature: float | None):
+    """One ``generate`` call under ``config``: the new tokens [rows, t] and their sampler log-probs (None when
+    greedy)."""
+    warper = PolicyWarper(temperature) if temperature is not None else None
+    processors = LogitsProcessorList([warper] if warper is not None else [])
+    with torch.no_grad():
+        sequences = vlm.model.generate(**call, generation_config=config, logits_processor=processors)
+    new = sequences[:, prompt_length:]
+    return new, (warper.finish(new) if warper is not None else None)
+
+
+def _decode_from(vlm: LoadedVLM, inputs: dict, cache, rows: int, config, temperature: float | None):
+    """``rows`` continuations of the prompt decoded from its prefilled ``cache``: ([rows, t] tokens, log-probs)."""
     ids = inputs["input_ids"]
     attention = inputs.get("attention_mask")
     call = {"input_ids": ids.repeat(rows, 1), cache_argument(vlm.model): expand_cache(cache, rows)}
     if attention is not None:
         call["attention_mask"] = attention.repeat(rows, 1)
-    with torch.no_grad():
-        sequences = vlm.model.generate(**call, **kwargs)
-    return sequences[:, ids.shape[1] :]
+    return _generate(vlm, call, ids.shape[1], config, temperature)
 
 
-def _decode_plain(vlm: LoadedVLM, inputs: dict, rows: int, kwargs: dict) -> torch.Tensor:
+def _decode_plain(vlm: LoadedVLM, inputs: dict, rows: int, config, temperature: float | None):
     """``rows`` continuations by plain ``generate(num_return_sequences=rows)`` (inputs and image repeated)."""
-    with torch.no_grad():
-        sequences = vlm.model.generate(**inputs, num_return_sequences=rows, **kwargs)
-    return sequences[:, inputs["input_ids"].shape[1] :]
+    call = {**inputs, "num_return_sequences": rows}
+    return _generate(vlm, call, inputs["input_ids"].shape[1], config, temperature)
 
 
 def _pad_columns(parts: list[torch.Tensor], pad_id: int) -> torch.Tensor:
@@ -163,6 +222,15 @@ def work_shape(vlm: LoadedVLM, inputs: dict, new_tokens: int) -> WorkShape:
     return WorkShape.of(inputs, new_tokens, patch, temporal)
 
 
+@dataclass
+class Completions:
+    """Decoded completions of one prompt: tokens, masks and (when sampled) the sampler's log-probs."""
+
+    ids: torch.Tensor  # [num, T] long, padded after EOS
+    mask: torch.Tensor  # [num, T] float, 1 up to and including EOS
+    sampler_logp: torch.Tensor | None  # [num, T] fp32, log-prob of each token under the sampling distribution
+
+
 def generate_completions(
     vlm: LoadedVLM,
     inputs: dict,
@@ -174,19 +242,19 @@ def generate_completions(
     micro_batch: int | None = None,
     shared_prefix: bool = True,
     memory: MemoryPlanner | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num`` completions [num, T] and their masks, decoded in micro-batches (greedy when temperature is None).
+) -> Completions:
+    """``num`` completions, decoded in micro-batches (greedy when temperature is None).
 
     ``shared_prefix``: prefill the prompt once and decode every micro-batch from that cache; otherwise plain
     ``generate(num_return_sequences=...)``. The micro-batch size is ``micro_batch``, else the planner's choice,
     else ``num``; an out-of-memory error halves it and restarts sampling from ``seed``.
     """
-    kwargs = _generation_kwargs(vlm, max_new_tokens, temperature)
+    config = generation_config(vlm, max_new_tokens, temperature)
     shape = work_shape(vlm, inputs, max_new_tokens)
     rows = micro_batch or (memory.micro_batch("sample", num, shape) if memory is not None else num)
     prefix = None
 
-    def attempt(size: int) -> list[torch.Tensor]:
+    def attempt(size: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         nonlocal prefix
         if seed is not None:
             torch.manual_seed(seed)
@@ -196,14 +264,15 @@ def generate_completions(
         for part in chunks(num, size):
             count = part.stop - part.start
             if shared_prefix:
-                parts.append(_decode_from(vlm, inputs, prefix, count, kwargs))
+                parts.append(_decode_from(vlm, inputs, prefix, count, config, temperature))
             else:
-                parts.append(_decode_plain(vlm, inputs, count, kwargs))
+                parts.append(_decode_plain(vlm, inputs, count, config, temperature))
         return parts
 
     parts, _ = run_with_backoff(attempt, min(rows, num), phase="sample", shape=shape, planner=memory, device=vlm.device)
-    completions = _pad_columns(parts, vlm.pad_token_id)
-    return completions, completion_mask(completions, vlm.eos_token_ids)
+    ids = _pad_columns([tokens for tokens, _ in parts], vlm.pad_token_id)
+    logps = None if temperature is None else _pad_columns([logp for _, logp in parts], 0.0)
+    return Completions(ids, completion_mask(ids, vlm.eos_token_ids), logps)
 
 
 def sample_rollouts(
@@ -219,7 +288,7 @@ def sample_rollouts(
     memory: MemoryPlanner | None = None,
 ) -> Rollouts:
     """Sample ``num`` completions of the prompt ``inputs`` (batch of 1) at ``temperature``, reproducibly."""
-    completions, mask = generate_completions(
+    sampled = generate_completions(
         vlm,
         inputs,
         num,
@@ -230,16 +299,14 @@ def sample_rollouts(
         shared_prefix=shared_prefix,
         memory=memory,
     )
-    texts = decode(vlm, completions, mask)
-    return Rollouts(prompt_inputs=inputs, completion_ids=completions, completion_mask=mask, texts=texts)
+    texts = decode(vlm, sampled.ids, sampled.mask)
+    return Rollouts(inputs, sampled.ids, sampled.mask, texts, sampled.sampler_logp)
 
 
 def greedy_text(vlm: LoadedVLM, inputs: dict, *, max_new_tokens: int) -> str:
     """The greedy (temperature 0) answer text for the prompt ``inputs`` (one row: nothing to share)."""
-    completions, mask = generate_completions(
-        vlm, inputs, 1, max_new_tokens=max_new_tokens, temperature=None, shared_prefix=False
-    )
-    return decode(vlm, completions, mask)[0]
+    greedy = generate_completions(vlm, inputs, 1, max_new_tokens=max_new_tokens, temperature=None, shared_prefix=False)
+    return decode(vlm, greedy.ids, greedy.mask)[0]
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -386,7 +453,7 @@ def completion_logprobs(
     keep = kept_mask.bool()
     head = lm_head(vlm.model)
     logp_kept, entropy_kept = kernels.linear_logprob_entropy(
-        predicting[keep], head.weight, kept_ids[keep], head.bias, temperature=temperature, backend=backend
+        predicting[keep], head.weight, kept_ids[keep], vlm.logit_bias(), temperature=temperature, backend=backend
     )
     full_keep = torch.zeros_like(mask, dtype=torch.bool)
     full_keep[:, :width] = keep
@@ -427,6 +494,17 @@ def loss_weight(part: Rollouts, groups: list[Rollouts], aggregation: str) -> flo
         return float(part.completion_mask.sum()) / total if total else 0.0
     total = sum(float((r.completion_mask.sum(-1) > 0).sum()) for r in groups)
     return float((part.completion_mask.sum(-1) > 0).sum()) / total if total else 0.0
+
+
+def logprob_gap(groups: list[Rollouts], logps: list[torch.Tensor]) -> float | None:
+    """The largest |log-prob under the sampler - log-prob under the training forward| over the groups' completion
+    tokens (verl's rollout-vs-train probability gap); None when no group recorded its sampler log-probs."""
+    gaps = [
+        float(((logp - r.sampler_logp.to(logp.device)).abs() * r.completion_mask).max())
+        for r, logp in zip(groups, logps)
+        if r.sampler_logp is not None and bool(r.completion_mask.any())
+    ]
+    return max(gaps) if gaps else None
 
 
 def grpo_backward(
