@@ -198,7 +198,7 @@ def test_triton_and_torch_backends_give_the_same_update(tiny_idefics3_dir, test_
         item = api._engine.prepare("img", test_image, ParityQuestion("Describe it."))
         captured = {}
         api._engine.optimizer.register_step_pre_hook(
-            lambda opt, args, kwargs: captured.update(
+            lambda opt, args, kwargs, captured=captured: captured.update(
                 {i: p.grad.clone() for i, p in enumerate(opt.param_groups[0]["params"])}
             )
         )
@@ -247,3 +247,20 @@ def test_groups_without_signal_do_not_dilute_the_token_mean(adapter, test_image)
     for name in start:
         torch.testing.assert_close(results[0][1][name], results[1][1][name], atol=1e-7, rtol=1e-6)
     assert any(not torch.equal(results[0][1][n], start[n]) for n in start)
+
+
+def test_successive_api_calls_sample_different_streams_reproducibly(tiny_idefics3_dir, test_image):
+    """Each adapt() call gets its own random stream (not the stream of item 0 again), and a fresh adapter with the
+    same seed repeats the same sequence of calls exactly."""
+
+    def two_calls():
+        api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), rollouts=6, steps=1, max_new_tokens=6, seed=3)
+        results = [api.adapt(test_image, "What is it?", choices=["a", "b"]).to_dict() for _ in range(2)]
+        for result in results:
+            for step in result["steps"]:
+                del step["seconds"]
+        return results
+
+    first, second = two_calls()
+    assert first["before"]["distribution"] != second["before"]["distribution"] or first["steps"] != second["steps"]
+    assert two_calls() == [first, second]

@@ -55,6 +55,7 @@ class TTRVAdapter:
         self.vlm = vlm
         self.config = config or TTRVConfig()
         self._engine = Adapter(vlm, self.config)
+        self._calls = 0  # each adapt()/answer() call samples from its own random stream: item_seed(seed, ..., call)
 
     @classmethod
     def from_pretrained(
@@ -85,12 +86,28 @@ class TTRVAdapter:
         except ValueError as error:  # the processor refused the image (size, aspect ratio)
             raise ValueError(f"{display_name(label)}: the model's processor cannot use this image ({error})") from None
 
+    def _next_call(self) -> int:
+        self._calls += 1
+        return self._calls - 1
+
     def adapt(
-        self, image, question: str | None = None, choices=None, labels=None, numeric=False, progress=None
+        self,
+        image,
+        question: str | None = None,
+        choices=None,
+        labels=None,
+        numeric=False,
+        progress=None,
+        save_to: str | Path | None = None,
     ) -> ItemResult:
-        """Episodic TTRV on one image; returns answers before and after, and the steps taken."""
+        """Episodic TTRV on one image; returns answers before and after, and the steps taken.
+
+        Successive calls draw from successive random streams of the run's seed (a fresh adapter with the same seed
+        and the same calls repeats them exactly). ``save_to``: save the adapted LoRA weights there before the reset.
+        """
         item = self._prepare(image, make_question(question, choices, labels, numeric))
-        return self._engine.adapt_episode(item, progress=progress)
+        save_dir = Path(save_to) if save_to is not None else None
+        return self._engine.adapt_episode(item, index=self._next_call(), progress=progress, save_dir=save_dir)
 
     def adapt_dataset(
         self,
@@ -128,7 +145,7 @@ class TTRVAdapter:
     def answer(self, image, question: str | None = None, choices=None, labels=None, numeric=False) -> Prediction:
         """Answer with the current adapter, no adaptation."""
         item = self._prepare(image, make_question(question, choices, labels, numeric))
-        return self._engine.predict(item, item_seed(self.config.seed, 4))
+        return self._engine.predict(item, item_seed(self.config.seed, 4, self._next_call()))
 
     def reset(self) -> None:
         """Restore the LoRA weights this adapter was loaded with."""

@@ -143,7 +143,12 @@ class PolicyWarper(LogitsProcessor):
 def generation_config(vlm: LoadedVLM, max_new_tokens: int, temperature: float | None) -> GenerationConfig:
     """The complete sampling (or greedy, temperature None) configuration: nothing is left for transformers to fill
     in from the model's generation config, and no processor but the suppression of ``vlm.suppress_token_ids``."""
-    neutral = {k: v for k, v in UNMODELLED_GENERATION_FIELDS.items() if v is not None and k != "min_new_tokens"}
+    sampling_only = ("top_k", "top_p", "typical_p", "epsilon_cutoff", "eta_cutoff")  # flagged by greedy configs
+    neutral = {
+        k: v
+        for k, v in UNMODELLED_GENERATION_FIELDS.items()
+        if v is not None and k != "min_new_tokens" and (temperature is not None or k not in sampling_only)
+    }
     return GenerationConfig(
         **neutral,
         max_new_tokens=max_new_tokens,
@@ -204,8 +209,9 @@ def _decode_from(vlm: LoadedVLM, inputs: dict, cache, rows: int, config, tempera
 
 def _decode_plain(vlm: LoadedVLM, inputs: dict, rows: int, config, temperature: float | None):
     """``rows`` continuations by plain ``generate(num_return_sequences=rows)`` (inputs and image repeated)."""
-    call = {**inputs, "num_return_sequences": rows}
-    return _generate(vlm, call, inputs["input_ids"].shape[1], config, temperature)
+    config = copy.deepcopy(config)
+    config.num_return_sequences = rows
+    return _generate(vlm, dict(inputs), inputs["input_ids"].shape[1], config, temperature)
 
 
 def _pad_columns(parts: list[torch.Tensor], pad_id: int) -> torch.Tensor:
