@@ -102,7 +102,7 @@ def _image(size: int):
 
 
 def _pattern_question():
-    from ttrv_edge.answers import Question
+    from ttrv_edge.io.answers import Question
 
     class Pattern(Question):
         """Answers x, x, y, ... in call order, so the random model's group has non-zero advantages."""
@@ -123,8 +123,8 @@ def _sync(device):
 
 
 def run_ttrv(vlm, item_inputs, question, job, meter):
-    from ttrv_edge.adapt import Adapter, PreparedItem
     from ttrv_edge.config import TTRVConfig
+    from ttrv_edge.rl.loop import Adapter, PreparedItem
 
     config = TTRVConfig(
         rollouts=job["rollouts"],
@@ -164,10 +164,10 @@ def run_trl(vlm, inputs, question, job, meter):
     """TRL GRPOTrainer's computation for one step (generate with repeats, full logits, eager log-softmax)."""
     import torch
 
-    from ttrv_edge.memory import model_costs
-    from ttrv_edge.models import sequence_inputs
-    from ttrv_edge.rewards import compute_rewards
-    from ttrv_edge.rollout import completion_mask, decode
+    from ttrv_edge.memory.planner import model_costs
+    from ttrv_edge.models.loading import sequence_inputs
+    from ttrv_edge.rl.rewards import compute_rewards
+    from ttrv_edge.rl.sampling import completion_mask, decode
 
     model, n, new = vlm.model, job["rollouts"], job["new_tokens"]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -222,8 +222,8 @@ def run_trl(vlm, inputs, question, job, meter):
 
 def run_sampling(vlm, inputs, question, job, meter):
     """Only the N rollouts: shared prefix (``sample-shared``) or generate(num_return_sequences=N) (``sample-plain``)."""
-    from ttrv_edge.memory import model_costs
-    from ttrv_edge.rollout import sample_rollouts
+    from ttrv_edge.memory.planner import model_costs
+    from ttrv_edge.rl.sampling import sample_rollouts
 
     meter.reset()
     start = time.perf_counter()
@@ -251,9 +251,9 @@ RUNS = {"ttrv": run_ttrv, "trl": run_trl, "sample-shared": run_sampling, "sample
 def worker(job: dict) -> dict:
     import torch
 
-    from ttrv_edge.memory import PeakMeter
-    from ttrv_edge.models import load_vlm
-    from ttrv_edge.rollout import greedy_text
+    from ttrv_edge.memory.planner import PeakMeter
+    from ttrv_edge.models.loading import load_vlm
+    from ttrv_edge.rl.sampling import greedy_text
 
     torch.set_num_threads(job["threads"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[job["dtype"]]

@@ -119,9 +119,9 @@ def _row(model, provider, threads, times, outputs, reference, truth, graph_mb) -
 def run(args) -> list[dict]:
     import torch
 
-    from ttrv_edge.export import export_onnx, merge_lora
-    from ttrv_edge.models import load_vlm
-    from ttrv_edge.onnx_runner import OnnxVLM, load_manifest
+    from ttrv_edge.export.onnx import export_onnx, merge_lora
+    from ttrv_edge.models.loading import load_vlm
+    from ttrv_edge.runtime.runner import OnnxVLM, load_manifest
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     torch.set_grad_enabled(False)

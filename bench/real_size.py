@@ -3,7 +3,7 @@
 ``bench/configs/<name>.json`` holds each architecture's transformers config fields (text and vision towers, from the
 model cards / config.json of SmolVLM-256M-Instruct, SmolVLM-500M-Instruct, Qwen2-VL-2B-Instruct and
 InternVL3-1B-hf) plus a ``bench`` section (image size, processor settings, published parameter count).
-``build_model_dir`` writes a model folder that ``ttrv_edge.models.load_vlm`` loads like a hub checkpoint.
+``build_model_dir`` writes a model folder that ``ttrv_edge.models.loading.load_vlm`` loads like a hub checkpoint.
 
 Deviations from the real checkpoints, and why (none changes memory or compute of a step):
 - weights are random (seeded), so rollouts are gibberish that rarely stops at EOS: every rollout runs the full
@@ -56,7 +56,7 @@ def _filler_words(count: int) -> list[str]:
 
 
 def _tokenizer(arch: str, vocab: int, template: str):
-    from ttrv_edge.tiny import _build_tokenizer
+    from ttrv_edge.models.tiny import _build_tokenizer
 
     base = len(_build_tokenizer(arch, None, template))
     return _build_tokenizer(arch, _filler_words(max(vocab - base, 0)), template)
@@ -66,7 +66,7 @@ def _idefics3(spec: dict):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    from ttrv_edge.tiny import IDEFICS3_TEMPLATE
+    from ttrv_edge.models.tiny import IDEFICS3_TEMPLATE
 
     cfg, bench = spec["config"], spec["bench"]
     tokenizer = _tokenizer("idefics3", cfg["text_config"]["vocab_size"], IDEFICS3_TEMPLATE)
@@ -99,8 +99,8 @@ def _qwen2_vl(spec: dict):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from ttrv_edge.models import _image_only
-    from ttrv_edge.tiny import QWEN2_VL_TEMPLATE
+    from ttrv_edge.models.loading import _image_only
+    from ttrv_edge.models.tiny import QWEN2_VL_TEMPLATE
 
     cfg, bench = spec["config"], spec["bench"]
     tokenizer = _tokenizer("qwen2_vl", cfg["text_config"]["vocab_size"], QWEN2_VL_TEMPLATE)

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from ttrv_edge import kernels
-from ttrv_edge.adapt import Adapter, consensus_of
-from ttrv_edge.answers import Question
 from ttrv_edge.api import TTRVAdapter
 from ttrv_edge.config import TTRVConfig
-from ttrv_edge.images import Item
-from ttrv_edge.models import backbone_hidden_states, lm_head, sequence_inputs
-from ttrv_edge.rollout import completion_logprobs, completion_mask, sample_rollouts
+from ttrv_edge.io.answers import Question
+from ttrv_edge.io.images import Item
+from ttrv_edge.models.loading import backbone_hidden_states, lm_head, sequence_inputs
+from ttrv_edge.rl.loop import Adapter, consensus_of
+from ttrv_edge.rl.sampling import completion_logprobs, completion_mask, sample_rollouts
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def test_transductive_runs_epochs_over_the_set(tiny_idefics3_dir, test_image, tm
 def test_beta_adds_kl_to_the_adapter_disabled_model(tiny_idefics3_dir, test_image, monkeypatch):
     """The KL's reference log-probs are those of the base model (LoRA made a no-op by zeroing B), not the adapted
     model's: a reference that kept the adapter on would equal the policy's log-probs and give KL 0."""
-    from ttrv_edge import rollout
+    from ttrv_edge.rl import sampling as rollout
 
     api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), beta=0.1, **CONFIG)
     item = api._engine.prepare("img", test_image, ParityQuestion("Describe it."))
@@ -230,7 +230,7 @@ def test_every_op_input_lives_on_the_models_device(adapter, test_image, monkeypa
 def test_groups_without_signal_do_not_dilute_the_token_mean(adapter, test_image):
     """A group whose rollouts all agree has zero advantages; it must not count in the token-mean's denominator, so
     the update with it equals the update without it (TRL keeps such tokens in the denominator)."""
-    from ttrv_edge.models import load_lora_state, lora_state
+    from ttrv_edge.models.loading import load_lora_state, lora_state
 
     engine = adapter._engine
     item = engine.prepare("img", test_image, ParityQuestion("Describe it."))

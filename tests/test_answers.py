@@ -2,7 +2,7 @@
 
 import pytest
 
-from ttrv_edge.answers import (
+from ttrv_edge.io.answers import (
     NO_ANSWER,
     Question,
     answer_distribution,

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ttrv_edge import checkpoints
-from ttrv_edge.answers import Question
 from ttrv_edge.api import TTRVAdapter
-from ttrv_edge.checkpoints import atomic_write_bytes, check_adapter_dir, save_adapter
-from ttrv_edge.images import Item
-from ttrv_edge.models import lora_state
+from ttrv_edge.io import checkpoints
+from ttrv_edge.io.answers import Question
+from ttrv_edge.io.checkpoints import atomic_write_bytes, check_adapter_dir, save_adapter
+from ttrv_edge.io.images import Item
+from ttrv_edge.models.loading import lora_state
 
 FAST = dict(rollouts=6, max_new_tokens=4, lr=5e-2, seed=7)
 

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from ttrv_edge.answers import LETTERS
 from ttrv_edge.demo.scenes import COLOURS, COUNT_WORDS, SHAPES, SceneObject, draw_scene, make_scene
 from ttrv_edge.demo.shift import CORRUPTIONS, corrupt
+from ttrv_edge.io.answers import LETTERS
 
 
 def test_scenes_are_deterministic_from_the_seed():

@@ -21,18 +21,18 @@ import pytest
 import torch
 from PIL import Image
 
-from ttrv_edge.answers import Question
-from ttrv_edge.export import base_model_for, export_onnx, merge_lora
-from ttrv_edge.models import load_vlm
-from ttrv_edge.onnx_graphs import probe_image
-from ttrv_edge.onnx_preprocess import (
+from ttrv_edge.export.graphs import probe_image
+from ttrv_edge.export.onnx import base_model_for, export_onnx, merge_lora
+from ttrv_edge.io.answers import Question
+from ttrv_edge.models.loading import load_vlm
+from ttrv_edge.rl.sampling import greedy_text
+from ttrv_edge.runtime.preprocess import (
     idefics3_image_prompt,
     idefics3_pixels,
     qwen2vl_text_positions,
     qwen2vl_vision_positions,
 )
-from ttrv_edge.onnx_runner import OnnxVLM
-from ttrv_edge.rollout import greedy_text
+from ttrv_edge.runtime.runner import OnnxVLM
 
 NEW_TOKENS = 10
 QUESTIONS = (

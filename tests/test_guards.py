@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ttrv_edge.answers import Question
 from ttrv_edge.api import TTRVAdapter
 from ttrv_edge.config import TTRVConfig
-from ttrv_edge.guards import NONFINITE_GRADIENT, NONFINITE_LOSS, CollapseGuard, diversity
-from ttrv_edge.models import lora_state
+from ttrv_edge.io.answers import Question
+from ttrv_edge.models.loading import lora_state
+from ttrv_edge.rl.guards import NONFINITE_GRADIENT, NONFINITE_LOSS, CollapseGuard, diversity
 
 FAST = dict(rollouts=6, max_new_tokens=4, seed=1)  # 6 rollouts: any 6 calls of SignalQuestion give 4 x, 2 y
 

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from ttrv_edge import rollout
-from ttrv_edge.adapt import Adapter
-from ttrv_edge.answers import Question
 from ttrv_edge.config import TTRVConfig
-from ttrv_edge.memory import MemoryPlanner, PeakMeter, WorkShape, parse_memory_budget, run_with_backoff
-from ttrv_edge.models import load_lora_state, load_vlm, lora_state
-from ttrv_edge.rollout import sample_rollouts
+from ttrv_edge.io.answers import Question
+from ttrv_edge.memory.planner import MemoryPlanner, PeakMeter, WorkShape, parse_memory_budget, run_with_backoff
+from ttrv_edge.models.loading import load_lora_state, load_vlm, lora_state
+from ttrv_edge.rl import sampling as rollout
+from ttrv_edge.rl.loop import Adapter
+from ttrv_edge.rl.sampling import sample_rollouts
 
 GB, MB = 2**30, 2**20
 

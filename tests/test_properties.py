@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ttrv_edge.answers import LETTERS, Question, extract_choice, extract_label, extract_number
-from ttrv_edge.images import load_image
+from ttrv_edge.io.answers import LETTERS, Question, extract_choice, extract_label, extract_number
+from ttrv_edge.io.images import load_image
 
 FAST = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 ASCII = string.ascii_letters + string.digits + string.punctuation + " \n\t"

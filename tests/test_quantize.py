@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttrv_edge.adapt import Adapter
-from ttrv_edge.answers import Question
 from ttrv_edge.config import TTRVConfig
-from ttrv_edge.memory import model_costs
-from ttrv_edge.models import lm_head, load_vlm
-from ttrv_edge.quantize import check_quantize, is_quantized
-from ttrv_edge.rollout import vision_tower
+from ttrv_edge.io.answers import Question
+from ttrv_edge.memory.planner import model_costs
+from ttrv_edge.models.loading import lm_head, load_vlm
+from ttrv_edge.models.quantize import check_quantize, is_quantized
+from ttrv_edge.rl.loop import Adapter
+from ttrv_edge.rl.sampling import vision_tower
 
 pytest.importorskip("optimum.quanto", reason="optimum-quanto is a dev dependency of the quantized path")
 
@@ -117,7 +117,7 @@ def test_frozen_quantized_linear_backward_matches_quanto(int8_vlm, test_image):
     """The input-gradient-only backward (no saved input) gives quanto's own gradients."""
     from optimum.quanto import QLinear
 
-    from ttrv_edge.rollout import completion_logprobs, sample_rollouts
+    from ttrv_edge.rl.sampling import completion_logprobs, sample_rollouts
 
     model = int8_vlm.model
     frozen = [m for m in model.modules() if isinstance(m, QLinear) and type(m) is not QLinear]

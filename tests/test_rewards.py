@@ -7,7 +7,7 @@ import torch
 from ttrv_edge.kernels.reference import group_advantages, majority_rewards
 
 from ttrv_edge import kernels
-from ttrv_edge.rewards import INVALID_ID, answer_ids, compute_rewards
+from ttrv_edge.rl.rewards import INVALID_ID, answer_ids, compute_rewards
 
 
 def test_answer_ids_share_ids_within_a_group_and_mark_invalid():

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from ttrv_edge import rollout
-from ttrv_edge.memory import MemoryPlanner
-from ttrv_edge.models import _base, _inner, load_vlm
-from ttrv_edge.rollout import (
+from ttrv_edge.memory.planner import MemoryPlanner
+from ttrv_edge.models.loading import _base, _inner, load_vlm
+from ttrv_edge.rl import sampling as rollout
+from ttrv_edge.rl.sampling import (
     cache_argument,
     completion_logprobs,
     completion_mask,

@@ -10,8 +10,8 @@ from transformers import LogitsProcessorList
 
 from tests.test_adapt import ParityQuestion
 from ttrv_edge.api import TTRVAdapter
-from ttrv_edge.models import _base
-from ttrv_edge.rollout import PolicyWarper, completion_logprobs, generation_config, sample_rollouts
+from ttrv_edge.models.loading import _base
+from ttrv_edge.rl.sampling import PolicyWarper, completion_logprobs, generation_config, sample_rollouts
 
 TEMPERATURE = 1.5
 

@@ -11,11 +11,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "TTRVAdapter": "api",
     "TTRVConfig": "config",
-    "Question": "answers",
-    "Item": "images",
-    "ItemResult": "adapt",
-    "Prediction": "adapt",
-    "StepRecord": "adapt",
+    "Question": "io.answers",
+    "Item": "io.images",
+    "ItemResult": "rl.loop",
+    "Prediction": "rl.loop",
+    "StepRecord": "rl.loop",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

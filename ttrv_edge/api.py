@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .adapt import Adapter, ItemResult, Prediction, PreparedItem, item_seed
-from .answers import DEFAULT_QUESTION, Question
-from .checkpoints import check_adapter_dir, verify_adapter_loaded
 from .config import TTRVConfig
-from .images import Item, SkippedItem, display_name, load_image
-from .models import LoadedVLM, load_vlm
+from .io.answers import DEFAULT_QUESTION, Question
+from .io.checkpoints import check_adapter_dir, verify_adapter_loaded
+from .io.images import Item, SkippedItem, display_name, load_image
+from .models.loading import LoadedVLM, load_vlm
+from .rl.loop import Adapter, ItemResult, Prediction, PreparedItem, item_seed
 
 
 def make_question(

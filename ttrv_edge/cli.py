@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .answers import DEFAULT_QUESTION, Question, parse_options
 from .config import TTRVConfig
 from .demo.commands import register as register_demo_commands
-from .onnx_commands import register as register_onnx_commands
+from .export.commands import register as register_onnx_commands
+from .io.answers import DEFAULT_QUESTION, Question, parse_options
 
 app = typer.Typer(
     name="ttrv-edge",
@@ -139,7 +139,7 @@ def adapt(
     )
 
     from .api import TTRVAdapter
-    from .images import collect_items, load_image
+    from .io.images import collect_items, load_image
 
     skipped: list = []
     mode, items = collect_items(source, default_question, skipped, allow_outside_root)

@@ -123,8 +123,8 @@ class TTRVConfig:
         self._check_memory()
 
     def _check_memory(self) -> None:
-        from .memory import parse_memory_budget
-        from .quantize import QUANTIZE_MODES
+        from .memory.planner import parse_memory_budget
+        from .models.quantize import QUANTIZE_MODES
 
         parse_memory_budget(self.memory_budget)
         if self.quantize not in QUANTIZE_MODES:

@@ -1,6 +1,6 @@
 """Evaluate one shift condition (model, corruption, severity, method, n scenes): ``ttrv-edge eval``.
 
-Methods, all through the public adaptation engine (``ttrv_edge.adapt.Adapter`` behind ``TTRVAdapter``):
+Methods, all through the public adaptation engine (``ttrv_edge.rl.loop.Adapter`` behind ``TTRVAdapter``):
 
 - ``base``: no adaptation. Reports greedy accuracy, self-consistency (majority of N samples), the sampled accuracy
   (mean correctness of the N samples, what TTRL reports) and the answer entropy of the samples;
@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from ..adapt import Adapter, ItemResult, Prediction, PreparedItem, item_seed
 from ..config import TTRVConfig
-from ..rollout import completion_logprobs
+from ..rl.loop import Adapter, ItemResult, Prediction, PreparedItem, item_seed
+from ..rl.sampling import completion_logprobs
 from .scenes import make_scene
 from .shift import corrupt
 

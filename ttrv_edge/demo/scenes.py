@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from ..answers import LETTERS, Question
+from ..io.answers import LETTERS, Question
 
 __all__ = [
     "COLOURS",

@@ -1,6 +1,6 @@
 """Train the demo VLM from scratch on clean synthetic scenes (``ttrv-edge demo-train``) on a CPU.
 
-The model is a tiny Idefics3 (SmolVLM family) built by ``ttrv_edge.tiny.build_tiny_vlm`` with the scene words in
+The model is a tiny Idefics3 (SmolVLM family) built by ``ttrv_edge.models.tiny.build_tiny_vlm`` with the scene words in
 its vocabulary, so the same loading and adaptation code path serves SmolVLM-256M. Recipe (DESIGN section 4):
 
 - constant AdamW learning rate 1e-3, batch 32, no warm-up/cosine schedule (a warm-up+cosine recipe stayed near
@@ -175,7 +175,7 @@ def loss_and_accuracy(model, batch: dict, smoothing: float) -> tuple[torch.Tenso
 
 
 def build_model(out_dir: Path, hidden: int, layers: int, seed: int) -> Path:
-    from ..tiny import build_tiny_vlm
+    from ..models.tiny import build_tiny_vlm
 
     return build_tiny_vlm(
         out_dir, "idefics3", seed=seed, words=scene_words(), image_size=64, hidden=hidden, layers=layers, patch=8
@@ -258,7 +258,7 @@ def train(
         raise ValueError(f"--smoothing must be in [0, 1), got {smoothing}")
     from transformers import AutoModelForImageTextToText
 
-    from ..models import load_processor
+    from ..models.loading import load_processor
 
     if threads:
         torch.set_num_threads(threads)

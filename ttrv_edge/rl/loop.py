@@ -23,9 +23,12 @@ from pathlib import Path
 
 import torch
 
-from .answers import Question, answer_distribution, majority_answer
-from .checkpoints import RunCheckpoint, save_adapter
-from .config import TTRVConfig
+from ..config import TTRVConfig
+from ..io.answers import Question, answer_distribution, majority_answer
+from ..io.checkpoints import RunCheckpoint, save_adapter
+from ..memory.planner import MemoryPlanner, run_with_backoff
+from ..models.loading import LoadedVLM, load_lora_state, lora_state
+from ..models.quantize import check_loaded
 from .guards import (
     NONFINITE_WEIGHTS,
     CollapseGuard,
@@ -34,11 +37,8 @@ from .guards import (
     restore_snapshot,
     take_snapshot,
 )
-from .memory import MemoryPlanner, run_with_backoff
-from .models import LoadedVLM, load_lora_state, lora_state
-from .quantize import check_loaded
 from .rewards import compute_rewards
-from .rollout import (
+from .sampling import (
     Rollouts,
     greedy_text,
     grpo_backward,

@@ -1,4 +1,4 @@
-"""The modules ``ttrv_edge.export`` hands to ``torch.onnx.export``, and the per-architecture details around them.
+"""The modules ``ttrv_edge.export.onnx`` hands to ``torch.onnx.export``, and the per-architecture details around them.
 
 Each graph is a thin wrapper that calls the model's own submodules (so the merged weights and the model code are
 what gets traced), with the parts that do not trace replaced by inputs or plain ops:
@@ -7,7 +7,7 @@ what gets traced), with the parts that do not trace replaced by inputs or plain 
   ``masked_scatter`` as cumsum + gather + where, which also works with zero features in decode steps), the text
   model with a ``DynamicCache`` rebuilt from flat past tensors, the lm_head on the last position. Mask and position
   ids are inputs: transformers' mask helpers branch on shapes, and Qwen2-VL's 3-D rope positions come from a loop
-  over the prompt (``ttrv_edge.onnx_preprocess`` computes them in numpy).
+  over the prompt (``ttrv_edge.runtime.preprocess`` computes them in numpy).
 - ``Idefics3VisionGraph``: SigLIP tower + pixel-shuffle connector on full-size crops (patch mask all ones).
 - ``Qwen2VLVisionGraph``: Qwen2-VL's vision blocks with one attention over all patches under a block-diagonal mask
   built in the graph from ``segment_ids`` (one segment per image), instead of transformers' split of the sequence
@@ -172,7 +172,7 @@ def vision_example(arch: str, batch, image_cfg: dict):
         pixels = batch["pixel_values"].reshape(-1, *batch["pixel_values"].shape[2:]).float()
         pixels = torch.cat([pixels, pixels.flip(-1)]) if pixels.shape[0] == 1 else pixels  # a size-1 dim would freeze
         return (pixels,), ["pixel_values"], {"pixel_values": {0: "num_crops"}}
-    from .onnx_preprocess import qwen2vl_vision_positions
+    from ..runtime.preprocess import qwen2vl_vision_positions
 
     grid = tuple(int(x) for x in batch["image_grid_thw"][0])
     rope = torch.from_numpy(qwen2vl_vision_positions(grid, image_cfg["merge_size"]))

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .answers import Question
-from .images import load_image
-from .onnx_preprocess import (
+from ..io.answers import Question
+from ..io.images import load_image
+from .preprocess import (
     ChatPrompt,
     idefics3_image_prompt,
     idefics3_pixels,

@@ -45,8 +45,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .answers import NO_ANSWER, answer_distribution
-from .models import load_lora_state, lora_state
+from ..io.answers import NO_ANSWER, answer_distribution
+from ..models.loading import load_lora_state, lora_state
 
 NONFINITE_LOSS = "non-finite loss"
 NONFINITE_GRADIENT = "non-finite gradient"

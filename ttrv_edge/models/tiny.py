@@ -2,7 +2,7 @@
 
 The package never downloads a model in tests, and the README's demo must run before the trained demo model exists.
 So this module builds, from configs alone, a tiny random VLM that is saved to a directory and then loads like any hub
-model (``AutoModelForImageTextToText.from_pretrained(dir)`` and ``ttrv_edge.models.load_processor(dir)``).
+model (``AutoModelForImageTextToText.from_pretrained(dir)`` and ``ttrv_edge.models.loading.load_processor(dir)``).
 
 Deviations from real checkpoints, and why:
 
@@ -229,7 +229,7 @@ def _qwen2_vl(tokenizer, image_size: int, hidden: int, layers: int, patch: int):
         temporal_patch_size=2,
         merge_size=2,
     )
-    from .models import _image_only
+    from .loading import _image_only
 
     processor_cls = _image_only(Qwen2VLProcessor)  # its video processor needs torchvision
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_TEMPLATE)

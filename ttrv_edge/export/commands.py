@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .answers import DEFAULT_QUESTION, Question, parse_options
+from ..io.answers import DEFAULT_QUESTION, Question, parse_options
 
 stderr = Console(stderr=True)
 
@@ -38,7 +38,7 @@ def export_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Merge a LoRA adapter into its base model and export ONNX graphs (vision encoder, decoder with KV cache)."""
-    from .export import export_lines, export_onnx, export_summary
+    from .onnx import export_lines, export_onnx, export_summary
 
     with stderr.status("exporting", spinner="dots") as status:
         manifest = export_onnx(
@@ -74,8 +74,8 @@ def answer_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Answer a question about IMAGE with an exported model on onnxruntime (greedy decoding, no adaptation)."""
-    from .cli import _read_labels
-    from .onnx_runner import answer_report
+    from ..cli import _read_labels
+    from ..runtime.runner import answer_report
 
     asked = Question(
         text=question, choices=parse_options(choices, "--choices"), labels=_read_labels(labels), numeric=numeric

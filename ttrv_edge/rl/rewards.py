@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
-from .kernels.reference import group_advantages, majority_rewards
+from .. import kernels
+from ..kernels.reference import group_advantages, majority_rewards
 
 INVALID_ID = -1
 

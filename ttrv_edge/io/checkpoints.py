@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .guards import CollapseGuard, Snapshot
+from ..rl.guards import CollapseGuard, Snapshot
 from .images import display_name
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -273,7 +273,7 @@ class RunCheckpoint:
 
     def save(self, model, optimizer, next_step: int, results: list, guard: CollapseGuard, stopped: bool) -> None:
         """Write the state after ``next_step`` steps: tensors first, then progress.json pointing at them."""
-        from .models import lora_state
+        from ..models.loading import lora_state
 
         self.directory.mkdir(parents=True, exist_ok=True)
         weights = f"step-{next_step:06d}.safetensors"
@@ -306,7 +306,7 @@ class RunCheckpoint:
 
     def load(self, model, optimizer) -> ResumeState:
         """Restore the LoRA weights and optimizer state of the checkpoint and return the rest of it."""
-        from .models import load_lora_state
+        from ..models.loading import load_lora_state
 
         what = "--resume"
         try:

@@ -342,7 +342,7 @@ def resolve_model_path(name_or_path: str) -> str:
     """Map "demo" to the packaged demo model and the tiny aliases to their built directory; check local paths; pass
     hub ids through."""
     if name_or_path == "demo":
-        from .demo import demo_model_dir
+        from ..demo import demo_model_dir
 
         return str(demo_model_dir())
     if name_or_path in TINY_NAMES:

@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import load_vlm, resolve_model_path
-from .onnx_graphs import (
+from ..models.loading import load_vlm, resolve_model_path
+from .graphs import (
     DecoderGraph,
     Idefics3VisionGraph,
     Qwen2VLVisionGraph,
@@ -419,7 +419,7 @@ def _graph_bytes(out: Path, file: str) -> int:
 
 def _self_check(merged, processor, out: Path, eos_ids: list[int], int8: bool, new_tokens: int = 8) -> dict:
     """Greedy tokens and logits of the exported graphs vs the merged torch model on the probe image."""
-    from .onnx_runner import OnnxVLM
+    from ..runtime.runner import OnnxVLM
 
     prompt = "What is shown?"
     runner = OnnxVLM(out)

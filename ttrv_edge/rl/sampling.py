@@ -42,9 +42,9 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from . import kernels
-from .memory import MemoryPlanner, WorkShape, chunks, run_with_backoff
-from .models import (
+from .. import kernels
+from ..memory.planner import MemoryPlanner, WorkShape, chunks, run_with_backoff
+from ..models.loading import (
     UNMODELLED_GENERATION_FIELDS,
     LoadedVLM,
     _base,

@@ -1,8 +1,8 @@
 """Torch-free preprocessing for the ONNX runner: images (numpy + PIL), chat prompts (jinja2), tokens (tokenizers).
 
 This module re-implements, for one image per prompt, what the transformers processors of the exported architectures
-do, so that ``ttrv_edge.onnx_runner`` answers without importing torch or transformers. The settings come from the
-``preprocess`` section of the export manifest, which ``ttrv_edge.export`` fills from the loaded processor (the same
+do, so that ``ttrv_edge.runtime.runner`` answers without importing torch or transformers. The settings come from the
+``preprocess`` section of the export manifest, which ``ttrv_edge.export.onnx`` fills from the loaded processor (the same
 values as the copied ``processor_config.json``, flattened). tests/test_export.py checks pixel values, token ids and
 rope positions against the transformers processors and models.
 
@@ -16,7 +16,7 @@ What it follows exactly (same order of operations and dtypes as transformers 5.x
   grid_h * grid_w / merge^2 times. The 3-D rope positions (``get_rope_index``) and the vision rope positions
   (``get_vision_position_ids``) are computed here in numpy, since they are data-dependent loops that do not export.
 
-Deviations: one image per prompt (what ttrv-edge asks); images are converted to RGB by ``ttrv_edge.images``
+Deviations: one image per prompt (what ttrv-edge asks); images are converted to RGB by ``ttrv_edge.io.images``
 (transparent pixels composited on white), like the processors' ``do_convert_rgb``.
 """
 

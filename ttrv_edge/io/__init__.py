@@ -1,0 +1,1 @@
+"""Step 1 of the layout change (moves only)."""
