@@ -124,7 +124,8 @@ def _sync(device):
 
 def run_ttrv(vlm, item_inputs, question, job, meter):
     from ttrv_edge.config import TTRVConfig
-    from ttrv_edge.rl.loop import Adapter, PreparedItem
+    from ttrv_edge.rl.loop import AdaptationLoop
+    from ttrv_edge.rl.records import PreparedItem
 
     config = TTRVConfig(
         rollouts=job["rollouts"],
@@ -133,18 +134,18 @@ def run_ttrv(vlm, item_inputs, question, job, meter):
         quantize=job["quantize"],
         lr=1e-4,
     )
-    engine = Adapter(vlm, config)
+    loop = AdaptationLoop(vlm, config)
     item = PreparedItem("bench", question, item_inputs)
     start = time.perf_counter()
-    rollouts, answers = engine.sample(item, seed=1)
+    rollouts, answers = loop.sample(item, seed=1)
     _sync(vlm.device)
     sampled = time.perf_counter()
-    loss, _, _ = engine.update([(rollouts, answers)])
+    loss = loop.update([(rollouts, answers)]).loss
     _sync(vlm.device)
     done = time.perf_counter()
     if loss is None:
         raise RuntimeError("the update was skipped (no advantage signal)")
-    report = engine.memory.report()
+    report = loop.memory_report()
     estimate = max(v for v in report["estimated_peak_bytes"].values() if v is not None)
     peak = report["peak_memory_bytes"]
     return {
@@ -164,8 +165,8 @@ def run_trl(vlm, inputs, question, job, meter):
     """TRL GRPOTrainer's computation for one step (generate with repeats, full logits, eager log-softmax)."""
     import torch
 
-    from ttrv_edge.memory.planner import model_costs
-    from ttrv_edge.models.loading import sequence_inputs
+    from ttrv_edge.memory import model_costs
+    from ttrv_edge.models import sequence_inputs
     from ttrv_edge.rl.rewards import compute_rewards
     from ttrv_edge.rl.sampling import completion_mask, decode
 
@@ -222,7 +223,7 @@ def run_trl(vlm, inputs, question, job, meter):
 
 def run_sampling(vlm, inputs, question, job, meter):
     """Only the N rollouts: shared prefix (``sample-shared``) or generate(num_return_sequences=N) (``sample-plain``)."""
-    from ttrv_edge.memory.planner import model_costs
+    from ttrv_edge.memory import model_costs
     from ttrv_edge.rl.sampling import sample_rollouts
 
     meter.reset()
@@ -251,8 +252,8 @@ RUNS = {"ttrv": run_ttrv, "trl": run_trl, "sample-shared": run_sampling, "sample
 def worker(job: dict) -> dict:
     import torch
 
-    from ttrv_edge.memory.planner import PeakMeter
-    from ttrv_edge.models.loading import load_vlm
+    from ttrv_edge.memory import PeakMeter
+    from ttrv_edge.models import load_vlm
     from ttrv_edge.rl.sampling import greedy_text
 
     torch.set_num_threads(job["threads"])

@@ -13,7 +13,7 @@ What is timed: one answer = preprocessing (processor / numpy), the vision encode
 with the KV cache up to ``--new-tokens`` tokens (stopping at EOS), then answer extraction: the whole
 `answer` path, from a PIL image to the extracted answer. ms: median (and mean, p90) over ``--n`` answers after
 ``--warmup`` answers. Threads: ``torch.set_num_threads`` for torch, ``intra_op_num_threads`` for onnxruntime.
-OMP_WAIT_POLICY is PASSIVE unless set (tiny models on a shared CPU, DESIGN section 4); it is recorded in the CSV.
+OMP_WAIT_POLICY is PASSIVE unless set (tiny models on a shared CPU, see ttrv_edge/cli.py); it is recorded in the CSV.
 Agreement columns: the fraction of answers (extracted) and texts identical to the unmerged torch model's;
 ``answered``: the fraction of texts an answer could be extracted from (random models mostly answer nothing).
 
@@ -119,8 +119,9 @@ def _row(model, provider, threads, times, outputs, reference, truth, graph_mb) -
 def run(args) -> list[dict]:
     import torch
 
-    from ttrv_edge.export.onnx import export_onnx, merge_lora
-    from ttrv_edge.models.loading import load_vlm
+    from ttrv_edge.export.merge import merge_lora
+    from ttrv_edge.export.onnx import export_onnx
+    from ttrv_edge.models import load_vlm
     from ttrv_edge.runtime.runner import OnnxVLM, load_manifest
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
@@ -142,7 +143,7 @@ def run(args) -> list[dict]:
     sizes = {"fp32": sum(q["fp32_bytes"] for q in quantized) / 1e6, "int8": sum(q["bytes"] for q in quantized) / 1e6}
 
     def torch_answer(model_vlm):
-        def answer(image, question):  # what rollout.greedy_text does for one prompt, keeping the token count
+        def answer(image, question):  # what rl.sampling.greedy_text does for one prompt, keeping the token count
             inputs = model_vlm.prompt_inputs(image, question.prompt())
             sequences = model_vlm.model.generate(
                 **inputs,

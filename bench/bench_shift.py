@@ -9,8 +9,8 @@ shift_ablation.jsonl (so several processes can share the work and a crash loses 
 renders the newest line of each condition into shift_table.csv / .md / .png and shift_ablation.csv / .md. Each
 condition's scenes are encoded once and every method sees exactly the same inputs and seeds.
 
-Everything goes through the public engine (``ttrv_edge.api.TTRVAdapter`` and its ``Adapter``); the per-method code
-is in ``ttrv_edge.demo.eval``.
+Everything goes through the public API (``ttrv_edge.api.TTRVModel`` and its ``AdaptationLoop``, ``TTRVModel.loop``);
+the per-method code is in ``ttrv_edge.demo.eval``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ttrv_edge.demo import BENCH_EPOCHS, BENCH_LR
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # tiny model on a shared CPU: see DESIGN section 4
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # tiny model on a shared CPU: see ttrv_edge/cli.py
 
 RESULTS = Path(__file__).parent / "results"
 TUNING_CORRUPTIONS = ("gaussian_noise", "contrast")  # the hyperparameters were chosen on these two (README)
@@ -63,10 +63,10 @@ def _config(args, **overrides):
     return dataclasses.replace(base, **overrides)
 
 
-def _engine(args, config):
-    from ttrv_edge.api import TTRVAdapter
+def _loop(args, config):
+    from ttrv_edge.api import TTRVModel
 
-    return TTRVAdapter.from_pretrained(args.model, config)._engine
+    return TTRVModel.from_pretrained(args.model, config).loop
 
 
 def _corruptions(value: str) -> list[str]:
@@ -89,14 +89,14 @@ def cmd_run(args) -> None:
     from ttrv_edge.demo.eval import evaluate, prepare_items
 
     config = _config(args)
-    engine = _engine(args, config)
+    loop = _loop(args, config)
     methods = TABLE_METHODS if args.methods == "all" else args.methods.split(",")
     for corruption in _corruptions(args.corruptions):
         severity = 0 if corruption == "clean" else args.severity
-        items = prepare_items(engine, corruption, severity, args.n, args.start)
+        items = prepare_items(loop, corruption, severity, args.n, args.start)
         for method in methods:
             started = time.perf_counter()
-            record = evaluate(engine, corruption, severity, method, items=items)
+            record = evaluate(loop, corruption, severity, method, items=items)
             record["tag"] = args.tag
             _append(RESULTS / "shift_runs.jsonl", record)
             after = record["after"]
@@ -125,14 +125,14 @@ def cmd_ablation(args) -> None:
 
     chosen = ABLATIONS if args.variants == "all" else [a for a in ABLATIONS if a[0] in args.variants.split(";")]
     for corruption in _corruptions(args.corruptions):
-        engine, engine_rank, items = None, None, None
+        loop, loop_rank, items = None, None, None
         for name, overrides in chosen:
             config = _config(args, **overrides)
-            if engine is None or engine_rank != config.lora_rank:
-                engine, engine_rank = _engine(args, config), config.lora_rank
-                items = prepare_items(engine, corruption, args.severity, args.n, args.start)
-            engine.config = config
-            record = evaluate(engine, corruption, args.severity, "ttrv", items=items)
+            if loop is None or loop_rank != config.lora_rank:
+                loop, loop_rank = _loop(args, config), config.lora_rank
+                items = prepare_items(loop, corruption, args.severity, args.n, args.start)
+            loop.config = config
+            record = evaluate(loop, corruption, args.severity, "ttrv", items=items)
             record.update(variant=name, tag=args.tag)
             _append(RESULTS / "shift_ablation.jsonl", record)
             print(

@@ -1,4 +1,4 @@
-"""Fused ops of ttrv-edge (DESIGN.md §3), installed as ``ttrv_edge.kernels``.
+"""Fused ops of ttrv-edge, installed as ``ttrv_edge.kernels``.
 
 Every op takes ``backend``: ``"torch"`` runs the pure-torch reference (``reference.py``), ``"triton"`` the fused
 Triton kernel, ``"auto"`` picks triton for CUDA tensors when a Triton backend is available and torch otherwise.

@@ -72,7 +72,7 @@ def _group_rewards_kernel(
 
 
 def triton_group_rewards(answer_ids: torch.Tensor, alpha: float = 0.75, invalid_id: int = -1):
-    """Frequency + entropy rewards (DESIGN §1.4) and advantages for G groups of N answers (Triton).
+    """Frequency + entropy rewards (docs/method.md §3) and advantages for G groups of N answers (Triton).
 
     Args:
         answer_ids: [G, N] integer answer ids (same id = same answer); ``invalid_id`` marks unparseable rollouts.

@@ -1,4 +1,4 @@
-"""Clipped GRPO surrogate with optional k3 KL (DESIGN §1.6), one Triton kernel forward and one backward.
+"""Clipped GRPO surrogate with optional k3 KL (docs/method.md §5), one Triton kernel forward and one backward.
 
 Forward: one program per sequence streams its T tokens once and writes four fp32 partial sums: sum of
 per_token * mask, sum of mask, sum of clipped * mask and sum of kl * mask. The [B]-sized epilogue (token-mean or

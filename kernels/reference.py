@@ -1,4 +1,4 @@
-"""Pure-torch references of the four TTRV ops (DESIGN.md §3).
+"""Pure-torch references of the four TTRV ops.
 
 These are the single source of truth for what each op computes: the tests compare every other backend against
 them (and against an fp32 gold computed by the same functions on fp32 inputs), and they are the CPU fallback of
@@ -13,7 +13,7 @@ Conventions shared by all backends:
   rollout is well defined (advantage 0); TRL uses the sample std, which differs by a factor sqrt(N/(N-1)) and
   is undefined at N=1.
 - the answer entropy H(p) sums over valid answers only; rollouts whose answer is invalid still count in N, so
-  p(a) = count(a) / N exactly as DESIGN §1 writes it, and r_ent = -H(p) / log(K) with K the number of distinct
+  p(a) = count(a) / N exactly as docs/method.md §3 writes it, and r_ent = -H(p) / log(K) with K the number of distinct
   valid answers (0 when K <= 1).
 """
 
@@ -92,7 +92,7 @@ def grpo_loss(
     beta: float = 0.0,
     aggregation: str = "token-mean",
 ):
-    """Clipped GRPO surrogate (DESIGN §1.6) with optional k3 KL to ``ref_logp``.
+    """Clipped GRPO surrogate (docs/method.md §5) with optional k3 KL to ``ref_logp``.
 
     Returns ``(loss, stats)`` where stats has ``clip_fraction`` and ``mean_kl`` (fp32 scalars, no grad).
     ``token-mean`` averages over all unmasked tokens of the batch; ``sequence-mean`` averages each sequence over
@@ -161,7 +161,7 @@ def answer_frequencies(answer_ids: torch.Tensor, invalid_id: int = -1):
 
 
 def group_rewards(answer_ids: torch.Tensor, alpha: float = 0.75, invalid_id: int = -1):
-    """Frequency + entropy rewards (DESIGN §1.4) and group-normalised advantages for G groups of N answers.
+    """Frequency + entropy rewards (docs/method.md §3) and group-normalised advantages for G groups of N answers.
 
     Returns ``(rewards[G, N], advantages[G, N], answer_entropy[G])``; the entropy is H(p) in nats.
     """

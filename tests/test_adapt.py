@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from ttrv_edge import kernels
-from ttrv_edge.api import TTRVAdapter
+from ttrv_edge.api import TTRVModel
 from ttrv_edge.config import TTRVConfig
 from ttrv_edge.io.answers import Question
 from ttrv_edge.io.images import Item
-from ttrv_edge.models.loading import backbone_hidden_states, lm_head, sequence_inputs
-from ttrv_edge.rl.loop import Adapter, consensus_of
-from ttrv_edge.rl.sampling import completion_logprobs, completion_mask, sample_rollouts
+from ttrv_edge.models import backbone_hidden_states, lm_head, sequence_inputs
+from ttrv_edge.rl.loop import AdaptationLoop
+from ttrv_edge.rl.records import consensus_of
+from ttrv_edge.rl.sampling import completion_mask, sample_rollouts
+from ttrv_edge.rl.scoring import completion_logprobs
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ CONFIG = dict(rollouts=6, steps=2, max_new_tokens=6, lr=5e-2, seed=3)
 
 @pytest.fixture
 def adapter(tiny_idefics3_dir):
-    return TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), **CONFIG)
+    return TTRVModel.from_pretrained(str(tiny_idefics3_dir), **CONFIG)
 
 
 def _params(model):
@@ -70,11 +72,11 @@ def test_completion_logprobs_equal_log_softmax_of_full_logits(adapter, test_imag
 
 @pytest.mark.parametrize("arch_dir", ["tiny_idefics3_dir", "tiny_qwen2vl_dir"])
 def test_a_step_changes_only_lora_weights(arch_dir, request, test_image):
-    adapter = TTRVAdapter.from_pretrained(str(request.getfixturevalue(arch_dir)), **CONFIG)
-    engine = adapter._engine
-    item = engine.prepare("img", test_image, ParityQuestion("Describe it."))
+    adapter = TTRVModel.from_pretrained(str(request.getfixturevalue(arch_dir)), **CONFIG)
+    loop = adapter.loop
+    item = loop.prepare("img", test_image, ParityQuestion("Describe it."))
     before = _params(adapter.vlm.model)
-    record = engine.step([item], step=0, seed=1)
+    record = loop.step([item], step=0, seed=1)
     assert record.updated and record.loss is not None
     after = _params(adapter.vlm.model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -85,19 +87,19 @@ def test_a_step_changes_only_lora_weights(arch_dir, request, test_image):
 
 
 def test_episodic_reset_restores_exact_outputs(adapter, test_image):
-    engine = adapter._engine
-    item = engine.prepare("img", test_image, ParityQuestion("Describe it."))
+    loop = adapter.loop
+    item = loop.prepare("img", test_image, ParityQuestion("Describe it."))
     reference = _logits(adapter.vlm, item.inputs)
-    result = engine.adapt_episode(item)
+    result = loop.adapt_episode(item)
     assert any(s.updated for s in result.steps)
     torch.testing.assert_close(_logits(adapter.vlm, item.inputs), reference, rtol=0, atol=0)
 
 
 def test_keep_leaves_the_adapter_changed(tiny_idefics3_dir, test_image):
-    kept = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), keep=True, **CONFIG)
-    item = kept._engine.prepare("img", test_image, ParityQuestion("Describe it."))
+    kept = TTRVModel.from_pretrained(str(tiny_idefics3_dir), keep=True, **CONFIG)
+    item = kept.loop.prepare("img", test_image, ParityQuestion("Describe it."))
     reference = _logits(kept.vlm, item.inputs)
-    kept._engine.adapt_episode(item)
+    kept.loop.adapt_episode(item)
     assert not torch.equal(_logits(kept.vlm, item.inputs), reference)
     kept.reset()
     torch.testing.assert_close(_logits(kept.vlm, item.inputs), reference, rtol=0, atol=0)
@@ -106,9 +108,9 @@ def test_keep_leaves_the_adapter_changed(tiny_idefics3_dir, test_image):
 def test_same_seed_same_run(tiny_idefics3_dir, test_image):
     runs = []
     for _ in range(2):
-        api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), **CONFIG)
-        item = api._engine.prepare("img", test_image, ParityQuestion("Describe it."))
-        result = api._engine.adapt_episode(item)
+        api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), **CONFIG)
+        item = api.loop.prepare("img", test_image, ParityQuestion("Describe it."))
+        result = api.loop.adapt_episode(item)
         runs.append([(s.mean_reward, s.loss) for s in result.steps] + [result.after.distribution])
     assert runs[0] == runs[1]
 
@@ -118,8 +120,8 @@ def test_consensus_stops_early_without_update(adapter, test_image):
         def extract(self, text):
             return "same"
 
-    item = adapter._engine.prepare("img", test_image, Always("Describe it."))
-    result = adapter._engine.adapt_episode(item)
+    item = adapter.loop.prepare("img", test_image, Always("Describe it."))
+    result = adapter.loop.adapt_episode(item)
     assert len(result.steps) == 1 and not result.steps[0].updated and result.steps[0].consensus == 1.0
     assert result.after == result.before
 
@@ -136,7 +138,7 @@ def test_api_accepts_pil_numpy_and_paths(adapter, test_image, tmp_path):
 
 
 def test_transductive_runs_epochs_over_the_set(tiny_idefics3_dir, test_image, tmp_path):
-    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), rollouts=4, epochs=2, max_new_tokens=4, lr=5e-2)
+    api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), rollouts=4, epochs=2, max_new_tokens=4, lr=5e-2)
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"{i}.png")
@@ -151,16 +153,14 @@ def test_transductive_runs_epochs_over_the_set(tiny_idefics3_dir, test_image, tm
 def test_beta_adds_kl_to_the_adapter_disabled_model(tiny_idefics3_dir, test_image, monkeypatch):
     """The KL's reference log-probs are those of the base model (LoRA made a no-op by zeroing B), not the adapted
     model's: a reference that kept the adapter on would equal the policy's log-probs and give KL 0."""
-    from ttrv_edge.rl import sampling as rollout
-
-    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), beta=0.1, **CONFIG)
-    item = api._engine.prepare("img", test_image, ParityQuestion("Describe it."))
-    assert api._engine.step([item], 0, seed=1).updated  # the adapter now differs from the base model
+    api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), beta=0.1, **CONFIG)
+    item = api.loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    assert api.loop.step([item], 0, seed=1).updated  # the adapter now differs from the base model
     captured = []
-    real = rollout.kernels.grpo_loss
-    monkeypatch.setattr(rollout.kernels, "grpo_loss", lambda *a, **k: captured.append((a, k)) or real(*a, **k))
-    groups = [api._engine.sample(item, seed=2)]
-    assert api._engine.update(groups).loss is not None
+    real = kernels.grpo_loss
+    monkeypatch.setattr(kernels, "grpo_loss", lambda *a, **k: captured.append((a, k)) or real(*a, **k))
+    groups = [api.loop.sample(item, seed=2)]
+    assert api.loop.update(groups).loss is not None
     (logp, *_), options = captured[0]
     state = {n: p.detach().clone() for n, p in api.vlm.model.named_parameters() if "lora_" in n}
     with torch.no_grad():
@@ -185,7 +185,7 @@ def test_adapter_without_trainable_parameters_is_an_error(adapter):
     for p in adapter.vlm.model.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="trainable"):
-        Adapter(adapter.vlm, TTRVConfig())
+        AdaptationLoop(adapter.vlm, TTRVConfig())
 
 
 def test_triton_and_torch_backends_give_the_same_update(tiny_idefics3_dir, test_image):
@@ -194,15 +194,15 @@ def test_triton_and_torch_backends_give_the_same_update(tiny_idefics3_dir, test_
     entries into lr-sized moves, and a changed weight changes the next step's samples.)"""
     grads = []
     for backend in ("torch", "triton"):
-        api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), backend=backend, **CONFIG)
-        item = api._engine.prepare("img", test_image, ParityQuestion("Describe it."))
+        api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), backend=backend, **CONFIG)
+        item = api.loop.prepare("img", test_image, ParityQuestion("Describe it."))
         captured = {}
-        api._engine.optimizer.register_step_pre_hook(
+        api.loop.optimizer.register_step_pre_hook(
             lambda opt, args, kwargs, captured=captured: captured.update(
                 {i: p.grad.clone() for i, p in enumerate(opt.param_groups[0]["params"])}
             )
         )
-        assert api._engine.update([api._engine.sample(item, seed=1)]).loss is not None
+        assert api.loop.update([api.loop.sample(item, seed=1)]).loss is not None
         grads.append(captured)
     scale = max(float(g.abs().max()) for g in grads[0].values())
     assert scale > 0, "no gradient"
@@ -219,29 +219,29 @@ def test_every_op_input_lives_on_the_models_device(adapter, test_image, monkeypa
     model_device = adapter.vlm.device
     seen = []
     monkeypatch.setattr(dispatch, "triton_usable", lambda t: seen.append(t.device) or t.device == model_device)
-    engine = Adapter(adapter.vlm, TTRVConfig(rollouts=6, max_new_tokens=6, backend="triton", beta=0.1))
-    item = engine.prepare("img", test_image, ParityQuestion("Describe it."))
-    groups = [engine.sample(item, seed=1)]
+    loop = AdaptationLoop(adapter.vlm, TTRVConfig(rollouts=6, max_new_tokens=6, backend="triton", beta=0.1))
+    item = loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    groups = [loop.sample(item, seed=1)]
     with torch.device("meta"):
-        outcome = engine.update(groups)
+        outcome = loop.update(groups)
     assert outcome.loss is not None and seen and set(seen) == {model_device}
 
 
 def test_groups_without_signal_do_not_dilute_the_token_mean(adapter, test_image):
     """A group whose rollouts all agree has zero advantages; it must not count in the token-mean's denominator, so
     the update with it equals the update without it (TRL keeps such tokens in the denominator)."""
-    from ttrv_edge.models.loading import load_lora_state, lora_state
+    from ttrv_edge.models import load_lora_state, lora_state
 
-    engine = adapter._engine
-    item = engine.prepare("img", test_image, ParityQuestion("Describe it."))
-    informative = engine.sample(item, seed=1)
-    agreeing = (engine.sample(item, seed=2)[0], ["x"] * 6)
+    loop = adapter.loop
+    item = loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    informative = loop.sample(item, seed=1)
+    agreeing = (loop.sample(item, seed=2)[0], ["x"] * 6)
     start = lora_state(adapter.vlm.model)
     results = []
     for groups in ([informative], [informative, agreeing]):
         load_lora_state(adapter.vlm.model, start)
-        engine.reset()
-        loss = engine.update(groups).loss
+        loop.reset()
+        loss = loop.update(groups).loss
         results.append((loss, lora_state(adapter.vlm.model)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     for name in start:
@@ -254,7 +254,7 @@ def test_successive_api_calls_sample_different_streams_reproducibly(tiny_idefics
     same seed repeats the same sequence of calls exactly."""
 
     def two_calls():
-        api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), rollouts=6, steps=1, max_new_tokens=6, seed=3)
+        api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), rollouts=6, steps=1, max_new_tokens=6, seed=3)
         results = [api.adapt(test_image, "What is it?", choices=["a", "b"]).to_dict() for _ in range(2)]
         for result in results:
             for step in result["steps"]:

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ttrv_edge.api import TTRVAdapter
+from ttrv_edge.api import TTRVModel
 from ttrv_edge.io import checkpoints
 from ttrv_edge.io.answers import Question
 from ttrv_edge.io.checkpoints import atomic_write_bytes, check_adapter_dir, save_adapter
 from ttrv_edge.io.images import Item
-from ttrv_edge.models.loading import lora_state
+from ttrv_edge.models import lora_state
 
 FAST = dict(rollouts=6, max_new_tokens=4, lr=5e-2, seed=7)
 
@@ -48,7 +48,7 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch)
 
 
 def test_interrupted_adapter_save_leaves_the_good_adapter(tmp_path, monkeypatch, tiny_idefics3_dir):
-    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), **FAST)
+    api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), **FAST)
     out = save_adapter(api.vlm.model, tmp_path / "adapter")
     good = {p.name: p.read_bytes() for p in out.iterdir()}
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_interrupted_adapter_save_leaves_the_good_adapter(tmp_path, monkeypatch,
 
 
 def test_saved_adapter_round_trips_exactly(tmp_path, tiny_idefics3_dir):
-    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), **FAST)
+    api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), **FAST)
     with torch.no_grad():
         for name, p in api.vlm.model.named_parameters():
             if "lora_B" in name:
@@ -77,7 +77,7 @@ def test_saved_adapter_round_trips_exactly(tmp_path, tiny_idefics3_dir):
     out = api.save_adapter(tmp_path / "a")
     assert not list(out.glob("*.bin")) and (out / "adapter_model.safetensors").is_file()
     api.save_adapter(out)  # over an existing folder: files replaced one by one
-    loaded = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), adapter=str(out), **FAST)
+    loaded = TTRVModel.from_pretrained(str(tiny_idefics3_dir), adapter=str(out), **FAST)
     ours, theirs = lora_state(api.vlm.model), lora_state(loaded.vlm.model)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
@@ -87,7 +87,7 @@ def test_saved_adapter_round_trips_exactly(tmp_path, tiny_idefics3_dir):
 
 @pytest.fixture(scope="module")
 def good_adapter(tmp_path_factory, tiny_idefics3_dir):
-    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), **FAST)
+    api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), **FAST)
     return api.save_adapter(tmp_path_factory.mktemp("good") / "adapter")
 
 
@@ -163,7 +163,7 @@ def test_bad_adapter_is_one_clear_error(case, good_adapter, tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "load", no_unpickling)
     with pytest.raises(ValueError) as raised:
-        TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), adapter=str(bad), **FAST)
+        TTRVModel.from_pretrained(str(tiny_idefics3_dir), adapter=str(bad), **FAST)
     text = str(raised.value)
     assert text.startswith("--adapter: ") and str(bad) in text and message in text and "\n" not in text
 
@@ -199,9 +199,9 @@ def _items(folder: Path, test_image, n=3) -> list[Item]:
 def _run(tiny_dir, test_image, checkpoint_dir, *, resume=False, stop_after=None, crash_saving=None):
     """One transductive run (3 inputs x 2 epochs = 6 steps, a guard check every 2); optionally interrupted after
     ``stop_after`` steps, or while writing the progress file of checkpoint number ``crash_saving``."""
-    api = TTRVAdapter.from_pretrained(str(tiny_dir), epochs=2, collapse_check_every=2, **FAST)
+    api = TTRVModel.from_pretrained(str(tiny_dir), epochs=2, collapse_check_every=2, **FAST)
     steps, saves = [], []
-    step = api._engine.step
+    step = api.loop.step
 
     def counting_step(*args, **kwargs):
         if stop_after is not None and len(steps) == stop_after:
@@ -218,7 +218,7 @@ def _run(tiny_dir, test_image, checkpoint_dir, *, resume=False, stop_after=None,
                 raise Interrupted
         return write(path, data)
 
-    api._engine.step = counting_step
+    api.loop.step = counting_step
     original, checkpoints.atomic_write_bytes = checkpoints.atomic_write_bytes, crashing_write
     try:
         items = _items(Path(checkpoint_dir).parent / "images", test_image)
@@ -275,11 +275,11 @@ def test_resume_refuses_other_options_and_fresh_runs_refuse_old_checkpoints(tmp_
     _run(tiny_idefics3_dir, test_image, folder)
     with pytest.raises(ValueError, match="--checkpoint-dir: .* holds the checkpoint of an earlier run"):
         _run(tiny_idefics3_dir, test_image, folder)
-    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), epochs=2, collapse_check_every=2, **{**FAST, "lr": 0.1})
+    api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), epochs=2, collapse_check_every=2, **{**FAST, "lr": 0.1})
     with pytest.raises(ValueError, match=r"--resume: .*other options \(lr: 0.05 there, 0.1 now\)"):
         api.adapt_dataset(_items(tmp_path / "images", test_image), checkpoint_dir=folder, resume=True)
     with pytest.raises(ValueError, match="--resume: .*other inputs"):
-        api2 = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), epochs=2, collapse_check_every=2, **FAST)
+        api2 = TTRVModel.from_pretrained(str(tiny_idefics3_dir), epochs=2, collapse_check_every=2, **FAST)
         api2.adapt_dataset(_items(tmp_path / "images", test_image, n=2), checkpoint_dir=folder, resume=True)
     (folder / "progress.json").write_text("{truncated")
     with pytest.raises(ValueError, match="progress.json is unreadable"):

@@ -74,35 +74,35 @@ def test_unknown_corruption_is_a_value_error():
 
 
 @pytest.fixture(scope="module")
-def demo_engine():
-    from ttrv_edge.api import TTRVAdapter
+def demo_loop():
+    from ttrv_edge.api import TTRVModel
 
-    return TTRVAdapter.from_pretrained("demo", rollouts=4, epochs=1, batch_size=2, max_new_tokens=8, steps=1)._engine
+    return TTRVModel.from_pretrained("demo", rollouts=4, epochs=1, batch_size=2, max_new_tokens=8, steps=1).loop
 
 
-def test_packaged_model_answers_clean_scenes(demo_engine):
+def test_packaged_model_answers_clean_scenes(demo_loop):
     from ttrv_edge.demo.eval import summarise
 
     scenes = [make_scene(seed) for seed in range(32)]  # all three question kinds
     assert {s.kind for s in scenes} == {"shape", "colour", "count"}
-    items = [demo_engine.prepare(f"s{i}", s.image(), s.question) for i, s in enumerate(scenes)]
-    predictions = [demo_engine.predict(item, seed=i) for i, item in enumerate(items)]
+    items = [demo_loop.prepare(f"s{i}", s.image(), s.question) for i, s in enumerate(scenes)]
+    predictions = [demo_loop.predict(item, seed=i) for i, item in enumerate(items)]
     # the shipped model answers 0.918 of the 256 clean benchmark scenes greedily (README); chance is 0.25
     assert summarise(predictions, [s.answer for s in scenes])["greedy"] >= 0.8
 
 
-def test_eval_runs_one_condition_before_and_after(demo_engine):
+def test_eval_runs_one_condition_before_and_after(demo_loop):
     from ttrv_edge.demo.eval import evaluate
 
-    before = {n: p.detach().clone() for n, p in demo_engine.vlm.model.named_parameters() if "lora_" in n}
-    result = evaluate(demo_engine, "blur", 3, "ttrv", n=4)
+    before = {n: p.detach().clone() for n, p in demo_loop.vlm.model.named_parameters() if "lora_" in n}
+    result = evaluate(demo_loop, "blur", 3, "ttrv", n=4)
     assert result["n"] == 4 and set(result["before"]) >= {"greedy", "majority", "sampled", "entropy"}
     assert result["updates"] > 0, "TTRV never updated: 'after' would just repeat 'before'"
     assert result["after"]["entropy"] != result["before"]["entropy"], "'after' does not reflect the adapted model"
-    after = {n: p for n, p in demo_engine.vlm.model.named_parameters() if "lora_" in n}
+    after = {n: p for n, p in demo_loop.vlm.model.named_parameters() if "lora_" in n}
     assert all(np.array_equal(before[n].numpy(), after[n].detach().numpy()) for n in before)  # reset afterwards
     with pytest.raises(ValueError, match="--method"):
-        evaluate(demo_engine, "blur", 3, "magic", n=1)
+        evaluate(demo_loop, "blur", 3, "magic", n=1)
 
 
 def test_cli_eval_prints_one_json_document(capsys):

@@ -22,9 +22,10 @@ import torch
 from PIL import Image
 
 from ttrv_edge.export.graphs import probe_image
-from ttrv_edge.export.onnx import base_model_for, export_onnx, merge_lora
+from ttrv_edge.export.merge import base_model_for, merge_lora
+from ttrv_edge.export.onnx import export_onnx
 from ttrv_edge.io.answers import Question
-from ttrv_edge.models.loading import load_vlm
+from ttrv_edge.models import load_vlm
 from ttrv_edge.rl.sampling import greedy_text
 from ttrv_edge.runtime.preprocess import (
     idefics3_image_prompt,

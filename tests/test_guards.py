@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ttrv_edge.api import TTRVAdapter
+from ttrv_edge.api import TTRVModel
 from ttrv_edge.config import TTRVConfig
 from ttrv_edge.io.answers import Question
-from ttrv_edge.models.loading import lora_state
+from ttrv_edge.models import lora_state
 from ttrv_edge.rl.guards import NONFINITE_GRADIENT, NONFINITE_LOSS, CollapseGuard, diversity
 
 FAST = dict(rollouts=6, max_new_tokens=4, seed=1)  # 6 rollouts: any 6 calls of SignalQuestion give 4 x, 2 y
@@ -43,12 +43,12 @@ def _text_projection(model):
 
 @pytest.fixture
 def api(tiny_idefics3_dir):
-    return TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), lr=5e-2, **FAST)
+    return TTRVModel.from_pretrained(str(tiny_idefics3_dir), lr=5e-2, **FAST)
 
 
 @pytest.fixture
 def item(api, test_image):
-    return api._engine.prepare("img", test_image, SignalQuestion("Describe it."))
+    return api.loop.prepare("img", test_image, SignalQuestion("Describe it."))
 
 
 # ------------------------------------------------------------------------------------------------ non-finite steps
@@ -62,45 +62,45 @@ def _nan_in_training(model):
 
 
 def test_nan_loss_skips_the_step_and_restores_weights_and_optimizer_exactly(api, item):
-    engine = api._engine
-    assert engine.step([item], 0, seed=1).updated  # a real step first: the optimizer state is not empty
-    weights, moments = lora_state(api.vlm.model), _optimizer_state(engine.optimizer)
+    loop = api.loop
+    assert loop.step([item], 0, seed=1).updated  # a real step first: the optimizer state is not empty
+    weights, moments = lora_state(api.vlm.model), _optimizer_state(loop.optimizer)
     assert moments
     hook = _nan_in_training(api.vlm.model)
-    record = engine.step([item], 1, seed=2)
+    record = loop.step([item], 1, seed=2)
     hook.remove()
     assert record.skipped == NONFINITE_LOSS and not record.updated and record.loss is None
-    assert _same(lora_state(api.vlm.model), weights) and _same(_optimizer_state(engine.optimizer), moments)
+    assert _same(lora_state(api.vlm.model), weights) and _same(_optimizer_state(loop.optimizer), moments)
     assert not api.vlm.model.training
-    after = engine.step([item], 2, seed=3)  # the run goes on
+    after = loop.step([item], 2, seed=3)  # the run goes on
     assert after.updated and after.skipped is None and math.isfinite(after.loss)
     assert not _same(lora_state(api.vlm.model), weights)
 
 
 def test_inf_gradient_with_finite_loss_is_undone(api, item):
-    engine = api._engine
+    loop = api.loop
     weights = lora_state(api.vlm.model)
     param = next(p for n, p in api.vlm.model.named_parameters() if "lora_B" in n)
     hook = param.register_hook(lambda grad: torch.full_like(grad, math.inf))
-    record = engine.step([item], 0, seed=1)
+    record = loop.step([item], 0, seed=1)
     hook.remove()
     assert record.skipped == NONFINITE_GRADIENT and not record.updated
-    assert _same(lora_state(api.vlm.model), weights) and _optimizer_state(engine.optimizer) == {}
+    assert _same(lora_state(api.vlm.model), weights) and _optimizer_state(loop.optimizer) == {}
 
 
 def test_without_the_guard_nan_reaches_the_weights(tiny_idefics3_dir, test_image):
     """The control: the guard, not luck, keeps the weights finite."""
-    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), lr=5e-2, skip_nonfinite=False, **FAST)
-    item = api._engine.prepare("img", test_image, SignalQuestion("Describe it."))
+    api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), lr=5e-2, skip_nonfinite=False, **FAST)
+    item = api.loop.prepare("img", test_image, SignalQuestion("Describe it."))
     hook = _nan_in_training(api.vlm.model)
-    api._engine.step([item], 0, seed=1)
+    api.loop.step([item], 0, seed=1)
     hook.remove()
     assert any(not torch.isfinite(p).all() for n, p in api.vlm.model.named_parameters() if "lora_" in n)
 
 
 def test_episodic_json_reports_skipped_steps(api, item):
     hook = _nan_in_training(api.vlm.model)
-    result = api._engine.adapt_episode(item)
+    result = api.loop.adapt_episode(item)
     hook.remove()
     steps = result.to_dict()["steps"]
     assert steps and all(s["skipped"] == NONFINITE_LOSS and s["loss"] is None for s in steps)
@@ -108,8 +108,8 @@ def test_episodic_json_reports_skipped_steps(api, item):
 
 
 def test_transductive_run_info_lists_skipped_steps(api, test_image):
-    items = [api._engine.prepare(f"i{k}", test_image.rotate(90 * k), SignalQuestion("Describe it.")) for k in range(2)]
-    original, calls = api._engine.update, []
+    items = [api.loop.prepare(f"i{k}", test_image.rotate(90 * k), SignalQuestion("Describe it.")) for k in range(2)]
+    original, calls = api.loop.update, []
 
     def nan_on_second_update(groups):
         calls.append(1)
@@ -121,8 +121,8 @@ def test_transductive_run_info_lists_skipped_steps(api, test_image):
         finally:
             hook.remove()
 
-    api._engine.update = nan_on_second_update
-    results = api._engine.adapt_transductive(items)
+    api.loop.update = nan_on_second_update
+    results = api.loop.adapt_transductive(items)
     assert api.run_info["nonfinite_skips"] == [1]
     records = [s for r in results for s in r.steps]
     assert [s.step for s in records if s.skipped] == [1] and sum(s.updated for s in records) == 2 * 2 - 1
@@ -184,24 +184,22 @@ class DriftQuestion(Question):
 
 
 def _drift_run(tiny_dir, lr: float, epochs: int = 2, every: int = 2, **options):
-    api = TTRVAdapter.from_pretrained(
-        str(tiny_dir), lr=lr, epochs=epochs, collapse_check_every=every, **FAST, **options
-    )
+    api = TTRVModel.from_pretrained(str(tiny_dir), lr=lr, epochs=epochs, collapse_check_every=every, **FAST, **options)
     images = [Image.new("RGB", (32, 32), (40 * k, 90, 200 - 30 * k)) for k in range(6)]
     items = [
-        api._engine.prepare(f"i{k}", image, DriftQuestion("What?", item=k, model=api.vlm.model))
+        api.loop.prepare(f"i{k}", image, DriftQuestion("What?", item=k, model=api.vlm.model))
         for k, image in enumerate(images)
     ]
     weights = [lora_state(api.vlm.model)]
-    step = api._engine.step
+    step = api.loop.step
 
     def recording_step(*args, **kwargs):
         record = step(*args, **kwargs)
         weights.append(lora_state(api.vlm.model))
         return record
 
-    api._engine.step = recording_step
-    results = api._engine.adapt_transductive(items)
+    api.loop.step = recording_step
+    results = api.loop.adapt_transductive(items)
     return api, results, weights
 
 
@@ -238,8 +236,8 @@ def test_collapse_guard_stays_quiet_on_a_normal_run(tiny_idefics3_dir):
 def test_collapse_guard_stays_quiet_with_real_answers(tiny_idefics3_dir):
     """No stub: the tiny model's own sampled labels, two epochs at the default learning rate."""
     labels = ("red", "green", "blue", "yellow", "circle", "square", "cat", "dog")
-    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), rollouts=4, max_new_tokens=5, seed=1)
+    api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), rollouts=4, max_new_tokens=5, seed=1)
     images = [Image.new("RGB", (32, 32), (30 * k, 255 - 30 * k, 70 * k % 256)) for k in range(5)]
-    items = [api._engine.prepare(f"i{k}", im, Question("What is it?", labels=labels)) for k, im in enumerate(images)]
-    api._engine.adapt_transductive(items)
+    items = [api.loop.prepare(f"i{k}", im, Question("What is it?", labels=labels)) for k, im in enumerate(images)]
+    api.loop.adapt_transductive(items)
     assert api.run_info["collapse"] is None and len(api.run_info["diversity"]) == 3  # start + once per epoch

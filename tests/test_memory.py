@@ -8,10 +8,11 @@ import torch
 
 from ttrv_edge.config import TTRVConfig
 from ttrv_edge.io.answers import Question
-from ttrv_edge.memory.planner import MemoryPlanner, PeakMeter, WorkShape, parse_memory_budget, run_with_backoff
-from ttrv_edge.models.loading import load_lora_state, load_vlm, lora_state
-from ttrv_edge.rl import sampling as rollout
-from ttrv_edge.rl.loop import Adapter
+from ttrv_edge.memory import MemoryPlanner, PeakMeter, WorkShape, parse_memory_budget, run_with_backoff
+from ttrv_edge.models import load_lora_state, load_vlm, lora_state
+from ttrv_edge.rl import loss as rl_loss
+from ttrv_edge.rl import scoring
+from ttrv_edge.rl.loop import AdaptationLoop
 from ttrv_edge.rl.sampling import sample_rollouts
 
 GB, MB = 2**30, 2**20
@@ -155,23 +156,28 @@ def _randomise_lora_b(model):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
 
 
+SCORING_CALLERS = (scoring, rl_loss)  # the modules that call completion_logprobs: no-grad scoring, the loss
+
+
 def _update(vlm, groups, start, **config):
-    """One update from ``start``; returns (loss, LoRA state, engine, rows per loss forward)."""
+    """One update from ``start``; returns (loss, LoRA state, loop, rows per loss forward)."""
     load_lora_state(vlm.model, start)
-    engine = Adapter(vlm, TTRVConfig(rollouts=8, max_new_tokens=6, lr=1e-3, **config))
-    real, forwards = rollout.completion_logprobs, []
+    loop = AdaptationLoop(vlm, TTRVConfig(rollouts=8, max_new_tokens=6, lr=1e-3, **config))
+    real, forwards = scoring.completion_logprobs, []
 
     def counting(vlm_, part, **kwargs):
         if torch.is_grad_enabled():
             forwards.append(part.num)
         return real(vlm_, part, **kwargs)
 
-    rollout.completion_logprobs = counting
+    for module in SCORING_CALLERS:
+        module.completion_logprobs = counting
     try:
-        loss = engine.update(groups).loss
+        value = loop.update(groups).loss
     finally:
-        rollout.completion_logprobs = real
-    return loss, lora_state(vlm.model), engine, forwards
+        for module in SCORING_CALLERS:
+            module.completion_logprobs = real
+    return value, lora_state(vlm.model), loop, forwards
 
 
 @pytest.mark.parametrize(
@@ -184,12 +190,12 @@ def test_gradient_accumulation_equals_one_batch(vlm, test_image, options):
     _randomise_lora_b(vlm.model)
     start = lora_state(vlm.model)
     results = {rows: _update(vlm, groups, start, train_micro_batch=rows, **options) for rows in (1, 3, None)}
-    full_loss, full_state, engine, forwards = results[None]
+    full_loss, full_state, loop, forwards = results[None]
     updates = options.get("inner_updates", 1)
     assert forwards == [8, 8] * updates  # two groups of 8 rollouts, one forward each
     assert any(not torch.equal(full_state[n], start[n]) for n in start)
     for rows in (1, 3):
-        loss, state, engine, forwards = results[rows]
+        loss, state, loop, forwards = results[rows]
         assert forwards == ([1] * 16 if rows == 1 else [3, 3, 2] * 2) * updates  # the loss really ran in micro-batches
         assert loss == pytest.approx(full_loss, rel=1e-5, abs=1e-7)
         for name in start:
@@ -208,14 +214,14 @@ def test_self_certainty_gradient_accumulates_to_the_one_batch_gradient(vlm, test
     for rows in (1, 3, None):
         load_lora_state(vlm.model, start)
         config = TTRVConfig(rollouts=8, max_new_tokens=6, entropy_signal="self-certainty", train_micro_batch=rows)
-        engine = Adapter(vlm, config)
+        loop = AdaptationLoop(vlm, config)
         captured = {}
-        engine.optimizer.register_step_pre_hook(
+        loop.optimizer.register_step_pre_hook(
             lambda opt, args, kwargs, captured=captured: captured.update(
                 {i: p.grad.clone() for i, p in enumerate(opt.param_groups[0]["params"])}
             )
         )
-        assert engine.update(groups).loss is not None
+        assert loop.update(groups).loss is not None
         grads[rows] = captured
     assert any(float(g.abs().max()) > 0 for g in grads[None].values())
     for rows in (1, 3):
@@ -229,7 +235,7 @@ def test_update_backs_off_on_out_of_memory_and_keeps_the_step(vlm, test_image, m
     _randomise_lora_b(vlm.model)
     start = lora_state(vlm.model)
     clean_loss, clean_state, _, _ = _update(vlm, groups, start, train_micro_batch=2)
-    real = rollout.completion_logprobs
+    real = scoring.completion_logprobs
     seen = []
 
     def flaky(vlm_, rollouts, **kwargs):
@@ -240,10 +246,11 @@ def test_update_backs_off_on_out_of_memory_and_keeps_the_step(vlm, test_image, m
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(vlm_, rollouts, **kwargs)
 
-    monkeypatch.setattr(rollout, "completion_logprobs", flaky)
-    loss, state, engine, _ = _update(vlm, groups, start)
-    assert seen[:3] == [8, 4, 4] and engine.memory.oom_retries == 2
-    assert engine.memory.report()["train_micro_batch"] == 2
+    for module in SCORING_CALLERS:
+        monkeypatch.setattr(module, "completion_logprobs", flaky)
+    loss, state, loop, _ = _update(vlm, groups, start)
+    assert seen[:3] == [8, 4, 4] and loop.memory.oom_retries == 2
+    assert loop.memory.report()["train_micro_batch"] == 2
     assert loss == pytest.approx(clean_loss, rel=1e-5)
     for name in start:  # the half-accumulated gradient of the failed attempt was thrown away
         torch.testing.assert_close(state[name], clean_state[name], atol=1e-6, rtol=1e-5, msg=name)
@@ -251,10 +258,10 @@ def test_update_backs_off_on_out_of_memory_and_keeps_the_step(vlm, test_image, m
 
 
 def test_adapter_reports_peaks_and_micro_batches(vlm, test_image):
-    engine = Adapter(vlm, TTRVConfig(rollouts=4, max_new_tokens=5, memory_budget="8GB"))
-    item = engine.prepare("img", test_image, Pattern("Describe it."))
-    record = engine.step([item], 0, seed=1)
-    report = engine.memory.report()
+    loop = AdaptationLoop(vlm, TTRVConfig(rollouts=4, max_new_tokens=5, memory_budget="8GB"))
+    item = loop.prepare("img", test_image, Pattern("Describe it."))
+    record = loop.step([item], 0, seed=1)
+    report = loop.memory.report()
     assert record.updated
     assert report["budget_bytes"] == 8 * GB and report["sample_micro_batch"] == 4 and report["train_micro_batch"] == 4
     assert report["measured_peak_bytes"]["sample"] > 0 and report["measured_peak_bytes"]["train"] > 0

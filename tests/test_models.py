@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-from ttrv_edge.models import loading as models
-from ttrv_edge.models.loading import (
+from ttrv_edge import models
+from ttrv_edge.models import (
     LORA_TARGET_REGEX,
     backbone_hidden_states,
     lm_head,
@@ -89,7 +89,7 @@ def test_prompt_inputs_generate_and_eos(tiny_dir, request, test_image):
     vlm = _load(tiny_dir)
     inputs = vlm.prompt_inputs(test_image, "What shape is red? The answer is")
     expected = {"input_ids", "attention_mask"} | PIXEL_KEYS[arch]
-    if arch == "qwen2_vl" and "mm_token_type_ids" in models._forward_params(vlm.model):
+    if arch == "qwen2_vl" and "mm_token_type_ids" in models.forward_params(vlm.model):
         expected.add("mm_token_type_ids")
     assert set(inputs.keys()) == expected
     assert inputs["input_ids"].shape[0] == 1 and inputs["pixel_values"].dtype == torch.float32

@@ -7,11 +7,10 @@ import torch
 
 from ttrv_edge.config import TTRVConfig
 from ttrv_edge.io.answers import Question
-from ttrv_edge.memory.planner import model_costs
-from ttrv_edge.models.loading import lm_head, load_vlm
+from ttrv_edge.memory import model_costs
+from ttrv_edge.models import lm_head, load_vlm, vision_tower
 from ttrv_edge.models.quantize import check_quantize, is_quantized
-from ttrv_edge.rl.loop import Adapter
-from ttrv_edge.rl.sampling import vision_tower
+from ttrv_edge.rl.loop import AdaptationLoop
 
 pytest.importorskip("optimum.quanto", reason="optimum-quanto is a dev dependency of the quantized path")
 
@@ -65,15 +64,15 @@ def test_int8_weights_are_smaller_and_outputs_close(int8_vlm, tiny_idefics3_dir,
 
 
 def test_int8_step_changes_only_lora(int8_vlm, test_image):
-    engine = Adapter(int8_vlm, TTRVConfig(rollouts=6, max_new_tokens=5, lr=5e-2, quantize="int8"))
-    item = engine.prepare("img", test_image, Pattern("Describe it."))
+    loop = AdaptationLoop(int8_vlm, TTRVConfig(rollouts=6, max_new_tokens=5, lr=5e-2, quantize="int8"))
+    item = loop.prepare("img", test_image, Pattern("Describe it."))
     before = _snapshot(int8_vlm.model)
-    assert engine.step([item], 0, seed=1).updated
+    assert loop.step([item], 0, seed=1).updated
     after = _snapshot(int8_vlm.model)
     changed = {n for n in before if not all(torch.equal(a, b) for a, b in zip(before[n], after[n]))}
     assert changed and all("lora_" in n for n in changed), sorted(changed)[:3]
     assert all("lora_" in n or n not in changed for n in before)  # base weights (int8 data + scales) bit-identical
-    engine.reset()
+    loop.reset()
 
 
 def test_nf4_needs_cuda_and_unknown_modes_fail(tiny_idefics3_dir):
@@ -88,7 +87,7 @@ def test_nf4_needs_cuda_and_unknown_modes_fail(tiny_idefics3_dir):
 def test_config_quantize_must_match_the_loaded_model(tiny_idefics3_dir):
     full = load_vlm(str(tiny_idefics3_dir))
     with pytest.raises(ValueError, match="--quantize int8"):
-        Adapter(full, TTRVConfig(quantize="int8"))
+        AdaptationLoop(full, TTRVConfig(quantize="int8"))
 
 
 def _quanto_extension_built() -> bool:
@@ -104,10 +103,10 @@ def _quanto_extension_built() -> bool:
 )
 def test_int4_step_runs_and_changes_only_lora(tiny_idefics3_dir, test_image):
     vlm = load_vlm(str(tiny_idefics3_dir), quantize="int4")
-    engine = Adapter(vlm, TTRVConfig(rollouts=6, max_new_tokens=4, lr=5e-2, quantize="int4"))
-    item = engine.prepare("img", test_image, Pattern("Describe it."))
+    loop = AdaptationLoop(vlm, TTRVConfig(rollouts=6, max_new_tokens=4, lr=5e-2, quantize="int4"))
+    item = loop.prepare("img", test_image, Pattern("Describe it."))
     before = _snapshot(vlm.model)
-    assert engine.step([item], 0, seed=1).updated
+    assert loop.step([item], 0, seed=1).updated
     after = _snapshot(vlm.model)
     changed = {n for n in before if not all(torch.equal(a, b) for a, b in zip(before[n], after[n]))}
     assert changed and all("lora_" in n for n in changed)
@@ -117,7 +116,8 @@ def test_frozen_quantized_linear_backward_matches_quanto(int8_vlm, test_image):
     """The input-gradient-only backward (no saved input) gives quanto's own gradients."""
     from optimum.quanto import QLinear
 
-    from ttrv_edge.rl.sampling import completion_logprobs, sample_rollouts
+    from ttrv_edge.rl.sampling import sample_rollouts
+    from ttrv_edge.rl.scoring import completion_logprobs
 
     model = int8_vlm.model
     frozen = [m for m in model.modules() if isinstance(m, QLinear) and type(m) is not QLinear]
@@ -158,9 +158,9 @@ def test_api_passes_quantize_to_the_loader(tiny_idefics3_dir, test_image):
     """`ttrv-edge adapt --quantize int8` reaches load_vlm through the public API and a step runs."""
     from optimum.quanto import QLinear
 
-    from ttrv_edge.api import TTRVAdapter
+    from ttrv_edge.api import TTRVModel
 
-    api = TTRVAdapter.from_pretrained(str(tiny_idefics3_dir), quantize="int8", rollouts=4, steps=1, max_new_tokens=4)
+    api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), quantize="int8", rollouts=4, steps=1, max_new_tokens=4)
     assert any(isinstance(m, QLinear) for m in api.vlm.model.modules())
     result = api.adapt(test_image, "Which shape?", choices=["circle", "square"])
     assert result.after is not None

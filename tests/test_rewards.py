@@ -1,4 +1,4 @@
-"""Rewards and advantages, hand-computed on small groups (DESIGN §1.4-1.5)."""
+"""Rewards and advantages, hand-computed on small groups (docs/method.md §3-4)."""
 
 import math
 

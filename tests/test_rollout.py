@@ -3,19 +3,18 @@
 import pytest
 import torch
 
-from ttrv_edge.memory.planner import MemoryPlanner
-from ttrv_edge.models.loading import _base, _inner, load_vlm
-from ttrv_edge.rl import sampling as rollout
+from ttrv_edge.memory import MemoryPlanner
+from ttrv_edge.models import base_model, inner_model, load_vlm, vision_tower
+from ttrv_edge.rl import sampling
 from ttrv_edge.rl.sampling import (
     cache_argument,
-    completion_logprobs,
     completion_mask,
     expand_cache,
     generate_completions,
     prefill,
     sample_rollouts,
-    vision_tower,
 )
+from ttrv_edge.rl.scoring import completion_logprobs
 
 ARCHS = ("idefics3", "qwen2_vl")
 
@@ -73,8 +72,8 @@ def test_shared_prefix_decode_logits_equal_plain_generate(vlm, inputs):
     shared = _decode_logits(vlm, inputs, shared=True)
     for row in shared:
         torch.testing.assert_close(row, plain[0], atol=1e-4, rtol=1e-4)
-    deltas = getattr(_inner(vlm.model), "rope_deltas", None)
-    if _base(vlm.model).config.model_type == "qwen2_vl":  # the offset is real, so a wrong one would show above
+    deltas = getattr(inner_model(vlm.model), "rope_deltas", None)
+    if base_model(vlm.model).config.model_type == "qwen2_vl":  # the offset is real, so a wrong one would show above
         assert deltas is not None and int(deltas.abs().max()) > 0
 
 
@@ -86,7 +85,7 @@ def test_sampled_rollouts_are_valid_and_reproducible(vlm, inputs):
     assert not torch.equal(a.completion_ids, c.completion_ids)
     assert a.completion_ids.shape[0] == 5 and a.completion_ids.shape[1] <= 8
     assert len({tuple(r.tolist()) for r in a.completion_ids}) > 1, "sampling gave identical rows"
-    vocab = _base(vlm.model).get_output_embeddings().weight.shape[0]
+    vocab = base_model(vlm.model).get_output_embeddings().weight.shape[0]
     assert int(a.completion_ids.max()) < vocab
     kept = a.completion_ids[a.completion_mask.bool()]
     assert not torch.isin(kept, torch.tensor(vlm.suppress_token_ids)).any()
@@ -96,7 +95,7 @@ def test_rollouts_stop_at_eos_and_masks_cover_them(vlm, inputs):
     """Only EOS and two words may be sampled, so rollouts end at different lengths across micro-batches."""
     eos = vlm.eos_token_ids[0]
     words = vlm.tokenizer.convert_tokens_to_ids(["red", "blue"])
-    config = _base(vlm.model).generation_config
+    config = base_model(vlm.model).generation_config
     saved = config.suppress_tokens
     config.suppress_tokens = [i for i in range(len(vlm.tokenizer)) if i not in (eos, *words)]
     try:
@@ -168,7 +167,7 @@ def test_scoring_paths_give_the_same_logprobs_and_gradients(vlm, inputs):
 
 def test_sampling_backs_off_on_out_of_memory(vlm, inputs, monkeypatch):
     reference = sample_rollouts(vlm, inputs, 6, temperature=1.0, max_new_tokens=5, seed=7, micro_batch=1)
-    real = rollout._decode_from
+    real = sampling._decode_from
     calls = []
 
     def flaky(vlm_, inputs_, cache, rows, *args):
@@ -177,7 +176,7 @@ def test_sampling_backs_off_on_out_of_memory(vlm, inputs, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(vlm_, inputs_, cache, rows, *args)
 
-    monkeypatch.setattr(rollout, "_decode_from", flaky)
+    monkeypatch.setattr(sampling, "_decode_from", flaky)
     planner = MemoryPlanner(vlm.model)
     r = sample_rollouts(vlm, inputs, 6, temperature=1.0, max_new_tokens=5, seed=7, memory=planner)
     assert calls[:3] == [6, 3, 1] and planner.oom_retries == 2

@@ -9,9 +9,10 @@ import torch
 from transformers import LogitsProcessorList
 
 from tests.test_adapt import ParityQuestion
-from ttrv_edge.api import TTRVAdapter
-from ttrv_edge.models.loading import _base
-from ttrv_edge.rl.sampling import PolicyWarper, completion_logprobs, generation_config, sample_rollouts
+from ttrv_edge.api import TTRVModel
+from ttrv_edge.models import base_model
+from ttrv_edge.rl.sampling import PolicyWarper, generation_config, sample_rollouts
+from ttrv_edge.rl.scoring import completion_logprobs
 
 TEMPERATURE = 1.5
 
@@ -34,12 +35,12 @@ def demanding_dir(request, tmp_path):
 
 
 def test_loading_drops_unmodelled_processors_and_says_so_once(demanding_dir, capfd):
-    first = TTRVAdapter.from_pretrained(str(demanding_dir), rollouts=4, max_new_tokens=5)
-    TTRVAdapter.from_pretrained(str(demanding_dir), rollouts=4, max_new_tokens=5)
+    first = TTRVModel.from_pretrained(str(demanding_dir), rollouts=4, max_new_tokens=5)
+    TTRVModel.from_pretrained(str(demanding_dir), rollouts=4, max_new_tokens=5)
     err = capfd.readouterr().err
     assert err.count("ignoring generation_config settings") == 1
     assert "repetition_penalty=1.3" in err and "no_repeat_ngram_size=2" in err and "top_k=20" in err
-    gen = _base(first.vlm.model).generation_config
+    gen = base_model(first.vlm.model).generation_config
     assert gen.repetition_penalty in (None, 1.0) and not gen.no_repeat_ngram_size
     assert {5, 6, 7} <= set(first.vlm.suppress_token_ids), "the checkpoint's suppressed ids are modelled, not dropped"
 
@@ -47,7 +48,7 @@ def test_loading_drops_unmodelled_processors_and_says_so_once(demanding_dir, cap
 def test_sampler_logprobs_are_the_post_processor_scores(demanding_dir, test_image):
     """``Rollouts.sampler_logp`` equals log_softmax of transformers' ``output_scores`` (after all processors), and the
     training forward scores the same tokens within 1e-3 (fp32)."""
-    vlm = TTRVAdapter.from_pretrained(str(demanding_dir), max_new_tokens=6).vlm
+    vlm = TTRVModel.from_pretrained(str(demanding_dir), max_new_tokens=6).vlm
     inputs = vlm.prompt_inputs(test_image, "What is it?")
     rollouts = sample_rollouts(vlm, inputs, 4, temperature=TEMPERATURE, max_new_tokens=6, seed=5, shared_prefix=False)
     torch.manual_seed(5)
@@ -72,12 +73,12 @@ def test_sampler_logprobs_are_the_post_processor_scores(demanding_dir, test_imag
 
 
 def test_step_records_report_a_small_logprob_gap(demanding_dir, test_image, monkeypatch):
-    api = TTRVAdapter.from_pretrained(str(demanding_dir), rollouts=6, steps=2, max_new_tokens=6, temperature=1.3)
-    item = api._engine.prepare("img", test_image, ParityQuestion("Describe it."))
-    steps = api._engine.adapt_episode(item).to_dict()["steps"]
+    api = TTRVModel.from_pretrained(str(demanding_dir), rollouts=6, steps=2, max_new_tokens=6, temperature=1.3)
+    item = api.loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    steps = api.loop.adapt_episode(item).to_dict()["steps"]
     gaps = [s["logprob_gap"] for s in steps if s["updated"]]
     assert gaps and all(0 <= g < 1e-3 for g in gaps), gaps
     # The control: scoring without the suppression bias (today's bug) shows up in the same field.
     monkeypatch.setattr(type(api.vlm), "logit_bias", lambda self: None)
-    steps = api._engine.adapt_episode(item).to_dict()["steps"]
+    steps = api.loop.adapt_episode(item).to_dict()["steps"]
     assert max(s["logprob_gap"] for s in steps if s["updated"]) > 1e-2

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import ttrv_edge
-from ttrv_edge.api import TTRVAdapter
+from ttrv_edge.api import TTRVModel
 from ttrv_edge.cli import main
 
 PACKAGE = Path(ttrv_edge.__file__).parent
@@ -70,7 +70,7 @@ def test_known_architecture_with_auto_map_uses_the_library_code(tmp_path, tiny_i
     """A real model folder that also ships code: loaded with transformers' own class, its code never imported."""
     marker = tmp_path / "MARKER"
     model = _evil_model(tmp_path / "tiny-with-code", marker, model_type="idefics3", base=Path(tiny_idefics3_dir))
-    api = TTRVAdapter.from_pretrained(str(model), rollouts=2)
+    api = TTRVModel.from_pretrained(str(model), rollouts=2)
     assert type(api.vlm.model.get_base_model()).__module__.startswith("transformers.")
     assert not marker.exists()
 
@@ -86,7 +86,7 @@ def test_remote_code_runs_only_with_the_flag(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(sys, "modules", dict(sys.modules))
     with pytest.raises(ValueError, match="--model"):  # the evil model has no weights: it fails after its code ran
-        TTRVAdapter.from_pretrained(str(model), trust_remote_code=True)
+        TTRVModel.from_pretrained(str(model), trust_remote_code=True)
     assert marker.read_text() == "remote code ran"
 
 

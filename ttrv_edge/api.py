@@ -1,12 +1,14 @@
 """The Python API for apps: load a VLM once, adapt it to many images.
 
-    from ttrv_edge import TTRVAdapter
-    adapter = TTRVAdapter.from_pretrained("demo", rollouts=8, steps=3)
-    result = adapter.adapt("photo.jpg", "What animal is this?", choices=["cat", "dog", "bird", "fish"])
+    from ttrv_edge import TTRVModel
+    model = TTRVModel.from_pretrained("demo", rollouts=8, steps=3)
+    result = model.adapt("photo.jpg", "What animal is this?", choices=["cat", "dog", "bird", "fish"])
     print(result.after.answer, result.to_dict())
+    model.save_adapter("my-adapter")  # the LoRA weights, loadable with from_pretrained(..., adapter="my-adapter")
 
 Images may be paths, PIL images or numpy arrays. Episodic ``adapt`` resets the LoRA weights afterwards unless the
-config says ``keep=True``; ``reset()`` restores the weights the adapter was loaded with at any time.
+config says ``keep=True``; ``reset()`` restores the LoRA weights the model was loaded with at any time. The work
+itself is done by ``rl.loop.AdaptationLoop`` (``loop``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .io.answers import DEFAULT_QUESTION, Question
 from .io.checkpoints import check_adapter_dir, verify_adapter_loaded
 from .io.images import Item, SkippedItem, display_name, load_image
 from .models.loading import LoadedVLM, load_vlm
-from .rl.loop import Adapter, ItemResult, Prediction, PreparedItem, item_seed
+from .rl.loop import AdaptationLoop
+from .rl.records import ItemResult, Prediction, PreparedItem, item_seed
 
 
 def make_question(
@@ -48,13 +51,13 @@ def describe_image(image) -> str:
     return f"<{type(image).__name__} {tuple(shape) if shape is not None else ''}>"
 
 
-class TTRVAdapter:
+class TTRVModel:
     """Test-time adaptation of one loaded VLM; see the module docstring for an example."""
 
     def __init__(self, vlm: LoadedVLM, config: TTRVConfig | None = None):
         self.vlm = vlm
         self.config = config or TTRVConfig()
-        self._engine = Adapter(vlm, self.config)
+        self._loop = AdaptationLoop(vlm, self.config)
         self._calls = 0  # each adapt()/answer() call samples from its own random stream: item_seed(seed, ..., call)
 
     @classmethod
@@ -67,7 +70,7 @@ class TTRVAdapter:
         trust_remote_code: bool = False,
         device: str | None = None,
         **options,
-    ) -> TTRVAdapter:
+    ) -> TTRVModel:
         """Load ``model`` with a fresh LoRA (or the saved ``adapter``).
 
         ``model`` is a local folder, a hub id, "demo" (the bundled demo model) or "tiny" (a tiny random VLM).
@@ -82,7 +85,7 @@ class TTRVAdapter:
         label = label or describe_image(image)
         loaded = load_image(image)  # its errors name the file already
         try:
-            return self._engine.prepare(label, loaded, question)
+            return self._loop.prepare(label, loaded, question)
         except ValueError as error:  # the processor refused the image (size, aspect ratio)
             raise ValueError(f"{display_name(label)}: the model's processor cannot use this image ({error})") from None
 
@@ -102,12 +105,12 @@ class TTRVAdapter:
     ) -> ItemResult:
         """Episodic TTRV on one image; returns answers before and after, and the steps taken.
 
-        Successive calls draw from successive random streams of the run's seed (a fresh adapter with the same seed
+        Successive calls draw from successive random streams of the run's seed (a fresh model with the same seed
         and the same calls repeats them exactly). ``save_to``: save the adapted LoRA weights there before the reset.
         """
         item = self._prepare(image, make_question(question, choices, labels, numeric))
         save_dir = Path(save_to) if save_to is not None else None
-        return self._engine.adapt_episode(item, index=self._next_call(), progress=progress, save_dir=save_dir)
+        return self._loop.adapt_episode(item, index=self._next_call(), progress=progress, save_dir=save_dir)
 
     def adapt_dataset(
         self,
@@ -135,28 +138,38 @@ class TTRVAdapter:
         if not prepared:
             raise ValueError("adapt_dataset: no usable items" + (f" ({skipped[0].reason})" if skipped else ""))
         checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        return self._engine.adapt_transductive(prepared, progress=progress, checkpoint_dir=checkpoint, resume=resume)
+        return self._loop.adapt_transductive(prepared, progress=progress, checkpoint_dir=checkpoint, resume=resume)
 
     @property
     def run_info(self) -> dict | None:
         """What the last ``adapt_dataset`` run reported: diversity checks, collapse, skipped steps, resume."""
-        return self._engine.last_run
+        return self._loop.last_run
 
     def answer(self, image, question: str | None = None, choices=None, labels=None, numeric=False) -> Prediction:
-        """Answer with the current adapter, no adaptation."""
+        """Answer with the current LoRA weights, no adaptation."""
         item = self._prepare(image, make_question(question, choices, labels, numeric))
-        return self._engine.predict(item, item_seed(self.config.seed, 4, self._next_call()))
+        return self._loop.predict(item, item_seed(self.config.seed, 4, self._next_call()))
 
     def reset(self) -> None:
-        """Restore the LoRA weights this adapter was loaded with."""
-        self._engine.reset()
+        """Restore the LoRA weights this model was loaded with."""
+        self._loop.reset()
 
     def save_adapter(self, directory: str | Path) -> Path:
         """Save the current LoRA weights (safetensors) and adapter config to ``directory``."""
-        return self._engine.save(Path(directory))
+        return self._loop.save(Path(directory))
 
     def work_units(self, mode: str, num_items: int) -> int:
-        return self._engine.work_units(mode, num_items)
+        """Units of ``progress`` a run will report ("episodic" or "transductive" over ``num_items``)."""
+        return self._loop.work_units(mode, num_items)
+
+    def memory_report(self) -> dict:
+        """Peak memory, budget, estimates and micro-batch sizes so far (``memory/planner.py``)."""
+        return self._loop.memory_report()
+
+    @property
+    def loop(self) -> AdaptationLoop:
+        """The adaptation loop behind this model, for code that drives single steps (the demo benchmark)."""
+        return self._loop
 
 
 def _load_checked(model: str, config: TTRVConfig, adapter: str | None, trust_remote_code: bool, device) -> LoadedVLM:

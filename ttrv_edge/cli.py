@@ -24,7 +24,7 @@ from rich.table import Table
 from .config import TTRVConfig
 from .demo.commands import register as register_demo_commands
 from .export.commands import register as register_onnx_commands
-from .io.answers import DEFAULT_QUESTION, Question, parse_options
+from .io.answers import DEFAULT_QUESTION, Question, parse_options, read_labels
 
 app = typer.Typer(
     name="ttrv-edge",
@@ -135,34 +135,38 @@ def adapt(
     if resume and checkpoint_dir is None:
         raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
     default_question = Question(
-        text=question, choices=parse_options(choices, "--choices"), labels=_read_labels(labels), numeric=numeric
+        text=question, choices=parse_options(choices, "--choices"), labels=read_labels(labels), numeric=numeric
     )
 
-    from .api import TTRVAdapter
+    from .api import TTRVModel
     from .io.images import collect_items, load_image
 
     skipped: list = []
     mode, items = collect_items(source, default_question, skipped, allow_outside_root)
-    image = load_image(items[0].image) if mode == "episodic" else None  # a bad image fails before the model loads
+    if mode == "episodic":
+        load_image(items[0].image)  # a bad image fails before the model loads
     if mode == "episodic" and checkpoint_dir is not None:
         raise ValueError("--checkpoint-dir: only folder and JSONL runs (transductive mode) are checkpointed")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a folder")
     with stderr.status(f"loading {model}", spinner="dots"):
-        adapter_api = TTRVAdapter.from_pretrained(
+        ttrv = TTRVModel.from_pretrained(
             model, config, adapter=str(adapter) if adapter else None, trust_remote_code=trust_remote_code
         )
     with _progress() as bar:
-        task = bar.add_task(f"TTRV {mode}", total=adapter_api.work_units(mode, len(items)))
+        task = bar.add_task(f"TTRV {mode}", total=ttrv.work_units(mode, len(items)))
         advance = lambda n: bar.advance(task, n)  # noqa: E731
         if mode == "episodic":
-            item = adapter_api._prepare(image, items[0].question, items[0].image)
-            results = [adapter_api._engine.adapt_episode(item, progress=advance, save_dir=out)]
+            asked = items[0].question
+            result = ttrv.adapt(
+                items[0].image, asked.text, asked.choices, asked.labels, asked.numeric, progress=advance, save_to=out
+            )
+            results = [result]
         else:
-            results = adapter_api.adapt_dataset(
+            results = ttrv.adapt_dataset(
                 items, progress=advance, skipped=skipped, checkpoint_dir=checkpoint_dir, resume=resume
             )
-            adapter_api.save_adapter(out)
+            ttrv.save_adapter(out)
     for bad in skipped:
         stderr.print(f"skipped: {bad.reason}", markup=False, highlight=False, soft_wrap=True)
     report = {
@@ -172,27 +176,17 @@ def adapt(
         "adapter_dir": str(out),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    memory = adapter_api._engine.memory.report()  # ttrv_edge/memory.py
+    memory = ttrv.memory_report()  # ttrv_edge/memory/planner.py
     report["peak_memory_bytes"] = memory["peak_memory_bytes"]
     report["micro_batches"] = {"sample": memory["sample_micro_batch"], "train": memory["train_micro_batch"]}
     report["memory"] = memory
     if mode == "transductive":
         report["skipped"] = [bad.to_dict() for bad in skipped]
-        report["run"] = adapter_api.run_info
+        report["run"] = ttrv.run_info
     if json_output:
         sys.stdout.write(json.dumps(report) + "\n")
     else:
         _print_table(report)
-
-
-def _read_labels(path: Path | None) -> tuple[str, ...] | None:
-    if path is None:
-        return None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"--labels: cannot read {path} ({error.__class__.__name__})") from None
-    return tuple(line.strip() for line in lines if line.strip())
 
 
 def _progress() -> Progress:
@@ -229,7 +223,7 @@ def _describe(prediction: dict) -> str:
 
 
 register_demo_commands(app)  # demo-train, eval (ttrv_edge/demo/commands.py)
-register_onnx_commands(app)  # export, answer (ttrv_edge/onnx_commands.py)
+register_onnx_commands(app)  # export, answer (ttrv_edge/export/commands.py)
 
 
 def _quiet_libraries() -> None:
@@ -256,7 +250,7 @@ def _set_thread_policy(argv: list[str]) -> None:
 
     Measured on 2 cores: for models of a few million parameters spinning threads (ACTIVE) made a step 3-4x slower
     when another process used a core, while PASSIVE cost nothing; for SmolVLM-256M-size models ACTIVE was ~2x
-    faster (DESIGN §4). So PASSIVE for the built-in small models, OpenMP's default for the rest.
+    faster. So PASSIVE for the built-in small models, OpenMP's default for the rest.
     """
     model = argv[argv.index("--model") + 1] if "--model" in argv[:-1] else "demo"
     if model in BUILT_IN_SMALL_MODELS:

@@ -53,7 +53,7 @@ class TTRVConfig:
     consensus: float = _help("episodic early stop when this fraction of rollouts agree (1.0 = all)", 1.0)
     seed: int = _help("random seed: the same seed and inputs give the same run", 0)
     backend: str = _help("kernel backend: 'auto' (triton on CUDA, torch elsewhere), 'triton' or 'torch'", "auto")
-    keep: bool = _help("episodic mode: keep the adapter after an input instead of resetting it", False)
+    keep: bool = _help("episodic mode: keep the adapted LoRA weights after an input instead of resetting them", False)
     skip_nonfinite: bool = _help(
         "skip an update whose loss or gradient is NaN/Inf, restoring the LoRA weights and optimizer state from "
         "before it (the step record says why)",
@@ -123,7 +123,7 @@ class TTRVConfig:
         self._check_memory()
 
     def _check_memory(self) -> None:
-        from .memory.planner import parse_memory_budget
+        from .memory.budget import parse_memory_budget
         from .models.quantize import QUANTIZE_MODES
 
         parse_memory_budget(self.memory_budget)

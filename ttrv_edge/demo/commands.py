@@ -74,7 +74,7 @@ def eval_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Evaluate one shift condition of the demo benchmark: accuracy before and after the method."""
-    from ..api import TTRVAdapter
+    from ..api import TTRVModel
     from ..config import TTRVConfig
     from .eval import evaluate
 
@@ -89,8 +89,8 @@ def eval_command(
         seed=seed,
         max_new_tokens=8,
     )
-    engine = TTRVAdapter.from_pretrained(model, config)._engine
-    result = evaluate(engine, corruption, 0 if corruption == "clean" else severity, method, n=n, start=start)
+    loop = TTRVModel.from_pretrained(model, config).loop
+    result = evaluate(loop, corruption, 0 if corruption == "clean" else severity, method, n=n, start=start)
     if json_output:
         sys.stdout.write(json.dumps(result) + "\n")
         return

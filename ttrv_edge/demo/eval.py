@@ -1,6 +1,6 @@
 """Evaluate one shift condition (model, corruption, severity, method, n scenes): ``ttrv-edge eval``.
 
-Methods, all through the public adaptation engine (``ttrv_edge.rl.loop.Adapter`` behind ``TTRVAdapter``):
+Methods, all through the adaptation loop (``ttrv_edge.rl.loop.AdaptationLoop``, behind ``TTRVModel``):
 
 - ``base``: no adaptation. Reports greedy accuracy, self-consistency (majority of N samples), the sampled accuracy
   (mean correctness of the N samples, what TTRL reports) and the answer entropy of the samples;
@@ -9,7 +9,7 @@ Methods, all through the public adaptation engine (``ttrv_edge.rl.loop.Adapter``
 - ``ttrv-episodic``: single-example TTRV per scene (K steps, reset after every scene);
 - ``tent``: entropy minimisation on the same LoRA weights (TENT-style, the non-RL baseline): E epochs over the
   set, each step minimises the mean token entropy of the model's own N sampled answers, computed by the same fused
-  kernel (``rollout.completion_logprobs``). TENT proper adapts batch-norm statistics; these models have none, so
+  kernel (``rl.scoring.completion_logprobs``). TENT proper adapts batch-norm statistics; these models have none, so
   the LoRA weights are what it trains, as the issue asks.
 
 Every method reports the same metrics after adaptation, and the base metrics of the same scenes before it, so one
@@ -26,8 +26,9 @@ import time
 import torch
 
 from ..config import TTRVConfig
-from ..rl.loop import Adapter, ItemResult, Prediction, PreparedItem, item_seed
-from ..rl.sampling import completion_logprobs
+from ..rl.loop import AdaptationLoop
+from ..rl.records import ItemResult, Prediction, PreparedItem, item_seed
+from ..rl.scoring import completion_logprobs
 from .scenes import make_scene
 from .shift import corrupt
 
@@ -36,13 +37,13 @@ __all__ = ["METHODS", "evaluate", "prepare_items", "summarise"]
 METHODS = ("base", "ttrl", "ttrv", "ttrv-episodic", "tent")
 
 
-def prepare_items(engine: Adapter, corruption: str, severity: int, n: int, start: int = 0):
+def prepare_items(loop: AdaptationLoop, corruption: str, severity: int, n: int, start: int = 0):
     """The ``n`` benchmark scenes under the corruption, encoded for the model; returns (items, correct letters)."""
     items, answers = [], []
     for seed in range(start, start + n):
         scene = make_scene(seed)
         image = corrupt(scene.image(), corruption, severity, seed=seed)
-        items.append(engine.prepare(f"scene-{seed}", image, scene.question))
+        items.append(loop.prepare(f"scene-{seed}", image, scene.question))
         answers.append(scene.answer)
     return items, answers
 
@@ -64,12 +65,12 @@ def summarise(predictions: list[Prediction], answers: list[str]) -> dict:
     }
 
 
-def _tent(engine: Adapter, items: list[PreparedItem]) -> list[ItemResult]:
+def _tent(loop: AdaptationLoop, items: list[PreparedItem]) -> list[ItemResult]:
     """Entropy minimisation on the LoRA weights over the set (E epochs, ``batch_size`` inputs per step)."""
-    cfg = engine.config
+    cfg = loop.config
     results = [
         ItemResult(
-            it.label, it.question.text, list(it.question.choices or []), engine.predict(it, item_seed(cfg.seed, 0, i))
+            it.label, it.question.text, list(it.question.choices or []), loop.predict(it, item_seed(cfg.seed, 0, i))
         )
         for i, it in enumerate(items)
     ]
@@ -78,45 +79,45 @@ def _tent(engine: Adapter, items: list[PreparedItem]) -> list[ItemResult]:
         order = torch.randperm(len(items), generator=order_rng).tolist()
         for b in range(0, len(order), cfg.batch_size):
             groups = [
-                engine.sample(items[i], item_seed(cfg.seed, 3, epoch, b, i))[0] for i in order[b : b + cfg.batch_size]
+                loop.sample(items[i], item_seed(cfg.seed, 3, epoch, b, i))[0] for i in order[b : b + cfg.batch_size]
             ]
-            engine.vlm.model.train()
+            loop.vlm.model.train()
             total, tokens = 0.0, 0.0
             for rollouts in groups:
-                _, entropy = completion_logprobs(engine.vlm, rollouts, temperature=cfg.temperature, backend=cfg.backend)
+                _, entropy = completion_logprobs(loop.vlm, rollouts, temperature=cfg.temperature, backend=cfg.backend)
                 total = total + (entropy * rollouts.completion_mask).sum()
                 tokens += float(rollouts.completion_mask.sum())
-            engine.optimizer.zero_grad(set_to_none=True)
+            loop.optimizer.zero_grad(set_to_none=True)
             (total / max(tokens, 1.0)).backward()
             if cfg.max_grad_norm > 0:
-                params = [p for p in engine.vlm.model.parameters() if p.requires_grad]
+                params = [p for p in loop.vlm.model.parameters() if p.requires_grad]
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            engine.optimizer.step()
-            engine.vlm.model.eval()
+            loop.optimizer.step()
+            loop.vlm.model.eval()
     for i, it in enumerate(items):
-        results[i].after = engine.predict(it, item_seed(cfg.seed, 2, i))
+        results[i].after = loop.predict(it, item_seed(cfg.seed, 2, i))
     return results
 
 
-def run_method(engine: Adapter, method: str, items: list[PreparedItem]) -> list[ItemResult]:
-    """Run ``method`` on the prepared items with the engine's config; the engine is reset first and after."""
+def run_method(loop: AdaptationLoop, method: str, items: list[PreparedItem]) -> list[ItemResult]:
+    """Run ``method`` on the prepared items with the loop's config; the loop is reset first and after."""
     if method not in METHODS:
         raise ValueError(f"--method: must be one of {', '.join(METHODS)}, got {method!r}")
-    engine.reset()
+    loop.reset()
     try:
         if method == "base":
-            cfg = engine.config
+            cfg = loop.config
             return [
-                ItemResult(it.label, it.question.text, None, engine.predict(it, item_seed(cfg.seed, 0, i)))
+                ItemResult(it.label, it.question.text, None, loop.predict(it, item_seed(cfg.seed, 0, i)))
                 for i, it in enumerate(items)
             ]
         if method == "ttrv-episodic":
-            return [engine.adapt_episode(it, index=i) for i, it in enumerate(items)]
+            return [loop.adapt_episode(it, index=i) for i, it in enumerate(items)]
         if method == "tent":
-            return _tent(engine, items)
-        return engine.adapt_transductive(items)
+            return _tent(loop, items)
+        return loop.adapt_transductive(items)
     finally:
-        engine.reset()
+        loop.reset()
 
 
 def method_config(config: TTRVConfig, method: str) -> TTRVConfig:
@@ -129,22 +130,22 @@ def method_config(config: TTRVConfig, method: str) -> TTRVConfig:
 
 
 def evaluate(
-    engine: Adapter, corruption: str, severity: int, method: str, n: int = 64, start: int = 0, items=None
+    loop: AdaptationLoop, corruption: str, severity: int, method: str, n: int = 64, start: int = 0, items=None
 ) -> dict:
     """Accuracy of ``method`` on ``n`` scenes under (corruption, severity): before and after adaptation."""
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
-    base_config = engine.config
+    base_config = loop.config
     if items is None:
-        items, answers = prepare_items(engine, corruption, severity, n, start)
+        items, answers = prepare_items(loop, corruption, severity, n, start)
     else:
         items, answers = items
-    engine.config = method_config(base_config, method)
+    loop.config = method_config(base_config, method)
     started = time.perf_counter()
     try:
-        results = run_method(engine, method, items)
+        results = run_method(loop, method, items)
     finally:
-        engine.config = base_config
+        loop.config = base_config
     seconds = time.perf_counter() - started
     before = summarise([r.before for r in results], answers)
     after = summarise([r.after or r.before for r in results], answers)
@@ -159,5 +160,5 @@ def evaluate(
         "updates": sum(s.updated for s in steps),
         "seconds": round(seconds, 2),
         "seconds_per_item": round(seconds / max(len(items), 1), 3),
-        "config": engine.config.to_dict() if method == "base" else method_config(base_config, method).to_dict(),
+        "config": loop.config.to_dict() if method == "base" else method_config(base_config, method).to_dict(),
     }

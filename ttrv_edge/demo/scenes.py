@@ -15,7 +15,7 @@ Design choices, and why:
 - The model's target answer is a short text, "<colour> <shape> (<letter>)" for the shape and colour questions and
   "<number> (<letter>)" for counting. The decisive words come before the letter: ``answers.extract_choice`` reads
   the spelled-out option before a trailing letter, and for the shape question the sampled colour word comes first,
-  so the majority answer over samples can differ from the greedy one (DESIGN section 4, lesson 1).
+  so the majority answer over samples can differ from the greedy one.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Train the demo VLM from scratch on clean synthetic scenes (``ttrv-edge demo-train``) on a CPU.
 
 The model is a tiny Idefics3 (SmolVLM family) built by ``ttrv_edge.models.tiny.build_tiny_vlm`` with the scene words in
-its vocabulary, so the same loading and adaptation code path serves SmolVLM-256M. Recipe (DESIGN section 4):
+its vocabulary, so the same loading and adaptation code path serves SmolVLM-256M. Recipe:
 
 - constant AdamW learning rate 1e-3, batch 32, no warm-up/cosine schedule (a warm-up+cosine recipe stayed near
-  chance in DESIGN's runs);
+  chance in our runs);
 - the answer is a short text "<colour> <shape> (<letter>)" / "<number> (<letter>)" (see ``scenes``): the model
   names the content first and never has to bind a letter to an image directly (what kept the single-letter recipe
   at chance with shuffled choices); ``fixed_steps`` still offers the fixed-order curriculum for the first steps;

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ..io.answers import DEFAULT_QUESTION, Question, parse_options
+from ..io.answers import DEFAULT_QUESTION, Question, parse_options, read_labels
 
 stderr = Console(stderr=True)
 
@@ -74,11 +74,10 @@ def answer_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Answer a question about IMAGE with an exported model on onnxruntime (greedy decoding, no adaptation)."""
-    from ..cli import _read_labels
     from ..runtime.runner import answer_report
 
     asked = Question(
-        text=question, choices=parse_options(choices, "--choices"), labels=_read_labels(labels), numeric=numeric
+        text=question, choices=parse_options(choices, "--choices"), labels=read_labels(labels), numeric=numeric
     )
     report = answer_report(onnx, image, asked, int8=int8, max_new_tokens=max_new_tokens, threads=threads)
     if json_output:

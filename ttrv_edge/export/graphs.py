@@ -51,7 +51,7 @@ class DecoderGraph(torch.nn.Module):
         self.text, self.head, self.config = text_model, head, text_model.config
         self.embed = text_model.get_input_embeddings()
         self.image_token_id = image_token_id
-        # transformers 5.24 names the cache argument `cache`, earlier 5.x `past_key_values` (DESIGN section 4)
+        # transformers 5.24 names the cache argument `cache`, earlier 5.x `past_key_values`
         params = inspect.signature(text_model.forward).parameters
         self.cache_argument = "cache" if "cache" in params else "past_key_values"
 

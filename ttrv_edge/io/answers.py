@@ -7,7 +7,8 @@ of these is answered in free text, normalised (lower case, no punctuation, singl
 possible for short-answer VQA but is far noisier, which the paper avoids by using extractable answers.
 
 Extraction is deliberately forgiving (case, punctuation, "The answer is (B)", the choice or label spelled out,
-trailing text) and returns None when a rollout cannot be read as an answer: such rollouts get reward 0.
+trailing text) and returns None when a rollout cannot be read as an answer: such rollouts get no frequency reward
+(docs/method.md, section 3). ``parse_options`` and ``read_labels`` read the options of the command line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 LETTERS = string.ascii_uppercase
 _UNITS = (
@@ -111,6 +113,17 @@ def parse_options(value: str | None, flag: str) -> tuple[str, ...] | None:
     if value is None:
         return None
     return tuple(part.strip() for part in value.split(","))
+
+
+def read_labels(path: Path | None) -> tuple[str, ...] | None:
+    """The class labels of a text file, one per line, blank lines skipped (``--labels``); None stays None."""
+    if path is None:
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--labels: cannot read {path} ({error.__class__.__name__})") from None
+    return tuple(line.strip() for line in lines if line.strip())
 
 
 def normalise(text: str) -> str:

@@ -28,13 +28,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from ..rl.guards import CollapseGuard, Snapshot
+from ..models.lora import Snapshot, load_lora_state, lora_state
 from .images import display_name
+
+if TYPE_CHECKING:
+    from ..rl.guards import CollapseGuard
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -273,8 +277,6 @@ class RunCheckpoint:
 
     def save(self, model, optimizer, next_step: int, results: list, guard: CollapseGuard, stopped: bool) -> None:
         """Write the state after ``next_step`` steps: tensors first, then progress.json pointing at them."""
-        from ..models.loading import lora_state
-
         self.directory.mkdir(parents=True, exist_ok=True)
         weights = f"step-{next_step:06d}.safetensors"
         save_snapshot(self.directory / weights, Snapshot(lora_state(model), optimizer.state_dict()), next_step)
@@ -306,8 +308,6 @@ class RunCheckpoint:
 
     def load(self, model, optimizer) -> ResumeState:
         """Restore the LoRA weights and optimizer state of the checkpoint and return the rest of it."""
-        from ..models.loading import load_lora_state
-
         what = "--resume"
         try:
             progress = json.loads(self.progress_file.read_text(encoding="utf-8"))

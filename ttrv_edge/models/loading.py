@@ -1,60 +1,37 @@
-"""Load a vision-language model and its processor, attach LoRA to the language model only.
+"""Load a vision-language model and its processor, with LoRA attached to the language model only.
 
-What this module guarantees to the rest of ttrv-edge:
+What ``load_vlm`` guarantees to the rest of ttrv-edge: it returns a ``LoadedVLM`` whose ``model`` is a
+``peft.PeftModel`` with LoRA on the q/k/v/o projections of the text model only (``models/lora.py`` checks that no
+LoRA module sits inside a vision tower or connector), every other parameter frozen, ``model.eval()`` set; and
+``trust_remote_code`` reaches transformers only from the caller's argument.
 
-- ``load_vlm`` returns a ``LoadedVLM`` whose ``model`` is a ``peft.PeftModel`` with LoRA on the q/k/v/o projections of
-  the text model only (checked: no LoRA module inside a vision tower or connector), every other parameter frozen,
-  ``model.eval()`` set. With LoRA the reference policy of GRPO is the same model with the adapter disabled
-  (``with model.disable_adapter(): ...``), so no second copy of the weights exists.
-- ``backbone_hidden_states`` runs the VLM's inner model (vision tower + connector + text model, final norm included)
-  and returns the last hidden states without computing logits, so the fused lm_head+log-prob kernel can project
-  them chunk by chunk: ``lm_head(model)(backbone_hidden_states(model, **inputs))`` equals the model's logits.
-- ``trust_remote_code`` reaches transformers only from the caller's argument.
-
-Deviations and traps handled here:
-
-- Qwen2-VL (and Qwen2.5-VL) processors own a video processor that needs torchvision, which is not installed on CPU
-  machines (DESIGN section 4). ``load_processor`` rebuilds such a processor from its image processor and tokenizer
-  with the video part dropped; videos are not supported by ttrv-edge anyway.
-- transformers 5.24's Qwen2-VL needs ``mm_token_type_ids`` to compute its 3-D rope positions. ``prompt_inputs``
-  keeps it when the forward accepts it, and ``backbone_hidden_states`` extends it with zeros (text) when completion
-  tokens were appended to the prompt, or derives it from the image token when missing.
+Deviation: the generation config that comes with a checkpoint is replaced by one that holds only EOS, padding and
+the suppressed token ids (``policy_generation_config``): rollouts are sampled from exactly the distribution the
+loss scores, so a checkpoint's repetition penalty or n-gram blocking is dropped, and said once on stderr.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .forward import base_model, forward_params, lm_head
+from .lora import attach_lora, check_lora_placement
+from .processors import load_processor
+
 __all__ = [
-    "LORA_TARGET_REGEX",
+    "UNMODELLED_GENERATION_FIELDS",
     "LoadedVLM",
-    "backbone_hidden_states",
-    "load_lora_state",
-    "load_processor",
     "load_vlm",
-    "lm_head",
-    "lora_state",
     "policy_generation_config",
     "resolve_model_path",
-    "sequence_inputs",
 ]
 
-LORA_TARGET_REGEX = (
-    r".*(language_model|text_model)\.(layers|h|blocks)\.\d+\.(self_attn|attn)\.(q_proj|k_proj|v_proj|o_proj)"
-)
-# Module-name fragments that mark the vision side of a VLM; a LoRA module there is a bug.
-VISION_MARKERS = ("vision", "visual", "connector", "multi_modal_projector", "mm_projector", "merger", "image_newline")
 TINY_NAMES = {"tiny": "idefics3", "tiny-idefics3": "idefics3", "tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2_vl": "qwen2_vl"}
-# Processors whose video half needs torchvision; they are rebuilt image-only when AutoProcessor cannot load them.
-VIDEO_PROCESSOR_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes")
 
@@ -80,7 +57,7 @@ class LoadedVLM:
         if getattr(image, "mode", "RGB") != "RGB":
             image = image.convert("RGB")
         batch = self.processor(images=[image], text=[text], return_tensors="pt")
-        accepted = _forward_params(self.model)
+        accepted = forward_params(self.model)
         for key in list(batch.keys()):
             if key not in accepted:
                 del batch[key]
@@ -94,7 +71,7 @@ class LoadedVLM:
     def eos_token_ids(self) -> list[int]:
         """Token ids that end a completion: the generation config's EOS ids, then the tokenizer's."""
         ids: list[int] = []
-        gen = getattr(_base(self.model), "generation_config", None)
+        gen = getattr(base_model(self.model), "generation_config", None)
         for value in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
             if value is None:
                 continue
@@ -109,8 +86,8 @@ class LoadedVLM:
         breaks the next forward: "image features and image tokens do not match"), and the pad token unless it is
         an EOS; plus any the checkpoint's generation config suppresses. ``load_vlm`` puts them in
         ``generation_config.suppress_tokens``; the sampler masks them and the loss adds the same -inf bias."""
-        found = set(_suppress_ids(_base(self.model).config, self.processor, self.tokenizer, self.eos_token_ids))
-        gen = getattr(_base(self.model), "generation_config", None)
+        found = set(_suppress_ids(base_model(self.model).config, self.processor, self.tokenizer, self.eos_token_ids))
+        gen = getattr(base_model(self.model), "generation_config", None)
         found.update(int(i) for i in (getattr(gen, "suppress_tokens", None) or []))
         return sorted(found)
 
@@ -242,102 +219,6 @@ def _text_vocab_size(config, tokenizer) -> int:
     return int(getattr(text, "vocab_size", None) or len(tokenizer))
 
 
-def _base(model):
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _inner(model):
-    """The VLM's inner model (vision tower + connector + text model, no lm_head)."""
-    base = _base(model)
-    inner = getattr(base, getattr(base, "base_model_prefix", "model"), None)
-    if inner is None or inner is base:
-        raise TypeError(f"{type(base).__name__} has no inner model under .{base.base_model_prefix}")
-    return inner
-
-
-def _forward_params(model) -> set[str]:
-    return set(inspect.signature(_base(model).forward).parameters)
-
-
-def lm_head(model) -> torch.nn.Linear:
-    """The output projection ([V, H] weight, tied or not), through a peft wrapper if any."""
-    head = _base(model).get_output_embeddings()
-    head = getattr(head, "base_layer", head)  # a LoRA-wrapped head: its frozen projection
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"expected an nn.Linear output projection, got {type(head).__name__}")
-    return head
-
-
-def backbone_hidden_states(model, **inputs) -> torch.Tensor:
-    """Last-layer hidden states [B, L, H] of the inner model (no logits), with LoRA active.
-
-    ``inputs`` are what the model's forward takes (input_ids, attention_mask, pixel_values, ...). For Qwen2-VL the
-    inner model computes the 3-D rope positions from input_ids and image_grid_thw; an ``mm_token_type_ids`` shorter
-    than input_ids (prompt only, completions appended) is extended with zeros.
-    """
-    inputs = {k: v for k, v in inputs.items() if v is not None}
-    inner = _inner(model)
-    params = set(inspect.signature(inner.forward).parameters)
-    if "mm_token_type_ids" in params and "image_grid_thw" in inputs and "input_ids" in inputs:
-        inputs["mm_token_type_ids"] = _mm_token_types(model, inputs["input_ids"], inputs.get("mm_token_type_ids"))
-    else:
-        inputs.pop("mm_token_type_ids", None)
-    inputs.pop("logits_to_keep", None)
-    out = inner(**inputs, use_cache=False, return_dict=True)
-    return out.last_hidden_state
-
-
-def sequence_inputs(prompt_inputs, sequences: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
-    """Forward inputs for ``sequences`` [B, P + T] = one prompt (batch 1, from ``prompt_inputs``) + B completions.
-
-    Image tensors are repeated B times along dim 0 (this holds for Idefics3's [1, n, C, H, W] pixels and for
-    Qwen2-VL's [patches, D] pixels with [n, 3] grids), ``mm_token_type_ids`` is extended with zeros. The image is
-    re-encoded per row; the frozen vision tower makes that wasteful but exact.
-    """
-    batch = sequences.shape[0]
-    out = {"input_ids": sequences}
-    out["attention_mask"] = torch.ones_like(sequences) if attention_mask is None else attention_mask
-    for key, value in prompt_inputs.items():
-        if key in ("input_ids", "attention_mask") or not torch.is_tensor(value):
-            continue
-        if key == "mm_token_type_ids":
-            pad = value.new_zeros(value.shape[0], sequences.shape[1] - value.shape[1])
-            out[key] = torch.cat([value, pad], dim=1).repeat(batch // value.shape[0], 1)
-        else:
-            out[key] = value.repeat(batch, *([1] * (value.dim() - 1)))
-    return out
-
-
-def _mm_token_types(model, input_ids: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:
-    if types is None:
-        config = _base(model).config
-        image_id = getattr(config, "image_token_id", None)
-        return (input_ids == image_id).to(torch.int32) if image_id is not None else torch.zeros_like(input_ids)
-    missing = input_ids.shape[1] - types.shape[1]
-    if missing > 0:
-        types = torch.cat([types, types.new_zeros(types.shape[0], missing)], dim=1)
-    if types.shape[0] != input_ids.shape[0] and types.shape[0] == 1:
-        types = types.expand(input_ids.shape[0], -1)
-    return types
-
-
-def lora_state(model) -> dict[str, torch.Tensor]:
-    """A cloned copy of every LoRA parameter (for reset and snapshots)."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
-
-
-def load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` (from ``lora_state``) back into the LoRA parameters, exactly."""
-    params = {name: p for name, p in model.named_parameters() if "lora_" in name}
-    if set(params) != set(state):
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise ValueError(f"LoRA state does not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state[name])
-
-
 def resolve_model_path(name_or_path: str) -> str:
     """Map "demo" to the packaged demo model and the tiny aliases to their built directory; check local paths; pass
     hub ids through."""
@@ -359,71 +240,6 @@ def resolve_model_path(name_or_path: str) -> str:
     if HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "~")):
         return name_or_path
     raise ValueError(f"--model: {name_or_path} is neither an existing directory nor a hub id (owner/name)")
-
-
-def _model_type(path: str) -> str | None:
-    config = Path(path) / "config.json"
-    if config.is_file():
-        return json.loads(config.read_text()).get("model_type")
-    return None
-
-
-def _image_only(processor_cls):
-    """A subclass of ``processor_cls`` without its video processor (which needs torchvision)."""
-
-    class ImageOnlyProcessor(processor_cls):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(
-                image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
-            )
-            self.video_processor = None
-
-    ImageOnlyProcessor.__name__ = processor_cls.__name__
-    ImageOnlyProcessor.__qualname__ = processor_cls.__qualname__
-    return ImageOnlyProcessor
-
-
-def _processor_from_parts(path: str, model_type: str, trust_remote_code: bool):
-    import transformers
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    cfg_file = Path(path) / "processor_config.json"
-    cls_name = json.loads(cfg_file.read_text()).get("processor_class") if cfg_file.is_file() else None
-    if cls_name is None:
-        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
-        cls_name = PROCESSOR_MAPPING_NAMES.get(model_type)
-    processor_cls = getattr(transformers, cls_name or "", None)
-    if processor_cls is None:
-        raise ValueError(f"--model: no processor class for model type {model_type!r}")
-    image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    template_file = Path(path) / "chat_template.jinja"
-    template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
-    return _image_only(processor_cls)(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
-
-
-def load_processor(path, trust_remote_code: bool = False):
-    """The model's processor (image processor + tokenizer + chat template), video part dropped where it needs
-    torchvision (Qwen2-VL family)."""
-    from transformers import AutoProcessor
-
-    path = str(path)
-    model_type = _model_type(path)
-    if model_type in VIDEO_PROCESSOR_TYPES and not _has_torchvision():
-        return _processor_from_parts(path, model_type, trust_remote_code)
-    try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ImportError, AttributeError, ValueError, TypeError):
-        if model_type not in VIDEO_PROCESSOR_TYPES:
-            raise
-        return _processor_from_parts(path, model_type, trust_remote_code)
-
-
-def _has_torchvision() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torchvision") is not None
 
 
 def _default_device(device: str | None) -> torch.device:
@@ -452,42 +268,6 @@ def _load_base(path: str, dtype: torch.dtype, trust_remote_code: bool, **extra):
         raise ValueError(f"--model: cannot load {path} as an image-text-to-text model ({first})") from exc
 
 
-def _check_lora_placement(model) -> list[str]:
-    names = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict)]
-    if not names:
-        raise ValueError("--model: found no language-model attention projections (q/k/v/o_proj) to attach LoRA to")
-    bad = [n for n in names if any(marker in n for marker in VISION_MARKERS)]
-    if bad:
-        raise ValueError(f"--model: LoRA would touch the vision side ({bad[0]}); only the language model is adapted")
-    return names
-
-
-def _attach_lora(base, lora_rank: int, lora_alpha: int | None, lora_dropout: float, adapter: str | None):
-    with warnings.catch_warnings():  # peft asks transformers about gradient checkpointing through a deprecated name
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return _attach_lora_quiet(base, lora_rank, lora_alpha, lora_dropout, adapter)
-
-
-def _attach_lora_quiet(base, lora_rank: int, lora_alpha: int | None, lora_dropout: float, adapter: str | None):
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if adapter is not None:
-        adapter_dir = Path(adapter)
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise ValueError(f"--adapter: {adapter} has no adapter_config.json (expected a saved peft adapter dir)")
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
-    if lora_rank < 1:
-        raise ValueError(f"--lora-rank: must be >= 1, got {lora_rank}")
-    config = LoraConfig(
-        r=lora_rank,
-        lora_alpha=2 * lora_rank if lora_alpha is None else lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=LORA_TARGET_REGEX,
-        bias="none",
-    )
-    return get_peft_model(base, config)
-
-
 def load_vlm(
     name_or_path: str,
     *,
@@ -506,7 +286,7 @@ def load_vlm(
     model; ``adapter`` loads a saved peft adapter directory instead. Everything else is frozen. dtype defaults to
     fp32 on CPU and bf16 on CUDA; the model is in eval mode. ``quantize`` ("int8"/"int4": optimum-quanto, "nf4":
     bitsandbytes on CUDA) quantizes the language model's base weights before LoRA is attached; the vision tower and
-    lm_head stay unquantized (see ttrv_edge/quantize.py).
+    lm_head stay unquantized (see ttrv_edge/models/quantize.py).
     """
     from .quantize import check_quantize, load_kwargs, quantize_text_model
 
@@ -532,8 +312,8 @@ def load_vlm(
         _suppress_ids(base.config, processor, tokenizer, eos)
     )
     base.generation_config = policy_generation_config(base.generation_config, eos, sorted(suppress), name_or_path)
-    model = _attach_lora(base, lora_rank, lora_alpha, lora_dropout, adapter)
-    _check_lora_placement(model)
+    model = attach_lora(base, lora_rank, lora_alpha, lora_dropout, adapter)
+    check_lora_placement(model)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     if quantize != "nf4":  # bitsandbytes placed the nf4 model while loading

@@ -4,7 +4,7 @@
   model's linear layers, on CPU or GPU. Activations stay in the model dtype. qint4 builds a C++ extension on its
   first use (measured: about 5 minutes on a busy 2-core machine, then cached with the package).
 - ``nf4``: bitsandbytes 4-bit NormalFloat with double quantization and bf16 compute, applied while loading (QLoRA).
-  CUDA only: bitsandbytes' 4-bit CPU path is not the standard QLoRA path (DESIGN section 4), so on CPU it is a
+  CUDA only: bitsandbytes' 4-bit CPU path is not the standard QLoRA path, so on CPU it is a
   ValueError that points to int8/int4.
 
 Only the text decoder is quantized. The vision tower and the connector stay in full precision (they are run once

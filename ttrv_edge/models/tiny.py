@@ -2,7 +2,7 @@
 
 The package never downloads a model in tests, and the README's demo must run before the trained demo model exists.
 So this module builds, from configs alone, a tiny random VLM that is saved to a directory and then loads like any hub
-model (``AutoModelForImageTextToText.from_pretrained(dir)`` and ``ttrv_edge.models.loading.load_processor(dir)``).
+model (``AutoModelForImageTextToText.from_pretrained(dir)`` and ``ttrv_edge.models.load_processor(dir)``).
 
 Deviations from real checkpoints, and why:
 
@@ -10,7 +10,7 @@ Deviations from real checkpoints, and why:
   trained merges, a word list needs nothing. Pre-tokenization splits on whitespace, isolates punctuation and digits,
   so "The answer is (B)." becomes known words. Decoding joins words with spaces and removes the space before
   punctuation (WordPiece decoder with cleanup), which is lossy for text such as "( B )" but fine for answers.
-- Idefics3 uses ``Idefics3ImageProcessorPil`` built directly (torchvision is not installed, DESIGN section 4) with
+- Idefics3 uses ``Idefics3ImageProcessorPil`` built directly (torchvision is not installed) with
   image splitting off, so one image is ``image_seq_len`` tokens.
 - The Qwen2-VL processor is saved without a video processor (the video processor needs torchvision); it is rebuilt
   from its parts by ``models.load_processor``.
@@ -229,9 +229,9 @@ def _qwen2_vl(tokenizer, image_size: int, hidden: int, layers: int, patch: int):
         temporal_patch_size=2,
         merge_size=2,
     )
-    from .loading import _image_only
+    from .processors import image_only_processor
 
-    processor_cls = _image_only(Qwen2VLProcessor)  # its video processor needs torchvision
+    processor_cls = image_only_processor(Qwen2VLProcessor)  # its video processor needs torchvision
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_TEMPLATE)
     return model, processor
 

@@ -1,15 +1,16 @@
 """Run guards: a NaN/Inf step guard and a label-free collapse detector for transductive adaptation.
 
-Non-finite steps. The update recipe calls these helpers explicitly: before its first optimizer step it takes a
-``Snapshot`` of the LoRA weights and optimizer state (only when a step is about to happen, so a group without signal
-costs nothing); ``nonfinite_reason`` checks the loss and gradients before each step and ``all_finite`` the weights
-after it. On any NaN/Inf the snapshot is restored, so the adapter is bit-identical to before the update, and the
-step is reported as skipped with the reason. The run continues with the next step.
+Non-finite steps. The update recipe (``update.py``) calls these helpers explicitly: before its first optimizer step
+it takes a ``Snapshot`` (``models/lora.py``) of the LoRA weights and optimizer state (only when a step is about to
+happen, so a group without signal costs nothing); ``nonfinite_reason`` checks the loss and gradients before each
+step and ``all_finite`` the weights after it. On any NaN/Inf the snapshot is restored, so the LoRA weights are
+bit-identical to before the update, and the step is reported as skipped with the reason. The run continues with
+the next step.
 
 Collapse. The paper reports that long adaptation can collapse a model to one answer for every input (one dataset
 fell from 0.84 to 0.25). Without labels the symptom is still visible in the answers themselves: across the set, the
 inputs' majority answers stop being diverse. At every check (once per epoch by default) the loop samples every
-input once with the current adapter (N rollouts, no update) and ``CollapseGuard`` computes, from those answers,
+input once with the current LoRA weights (N rollouts, no update) and ``CollapseGuard`` computes, from those answers,
 
 - ``dominant_share``: the fraction of inputs whose majority answer is the most common majority answer;
 - ``majority_entropy``: the entropy (nats) of the inputs' majority answers;
@@ -27,7 +28,7 @@ given before adaptation).
 
 Why a sampling pass of its own: the answers sampled by the training steps come from weights that changed during the
 epoch, so statistics built from them lag the weights; in a test where the model collapsed after one step, the best
-score by those lagging answers belonged to already-collapsed weights and the rollback restored a collapsed adapter.
+score by those lagging answers belonged to already-collapsed weights and the rollback restored collapsed LoRA weights.
 Scoring each snapshot by answers sampled from exactly those weights costs one sampling pass over the set per check
 (about half the cost of an epoch, which also samples and then trains) and makes the rollback target right.
 
@@ -37,7 +38,6 @@ left out of the check), so a model whose outputs turn to unreadable text is not 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -46,29 +46,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..io.answers import NO_ANSWER, answer_distribution
-from ..models.loading import load_lora_state, lora_state
+from ..models.lora import Snapshot, restore_snapshot, take_snapshot
 
 NONFINITE_LOSS = "non-finite loss"
 NONFINITE_GRADIENT = "non-finite gradient"
 NONFINITE_WEIGHTS = "non-finite weights after the step"
-
-
-@dataclass
-class Snapshot:
-    """The LoRA weights and the optimizer state at one moment, deep copies."""
-
-    lora: dict[str, torch.Tensor]
-    optimizer: dict
-
-
-def take_snapshot(model, optimizer: torch.optim.Optimizer) -> Snapshot:
-    return Snapshot(lora_state(model), copy.deepcopy(optimizer.state_dict()))
-
-
-def restore_snapshot(model, optimizer: torch.optim.Optimizer, snapshot: Snapshot) -> None:
-    """Put the weights and optimizer state of ``snapshot`` back, exactly (the snapshot stays reusable)."""
-    load_lora_state(model, snapshot.lora)
-    optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
 
 
 def all_finite(tensors: Sequence[torch.Tensor | None]) -> bool:
@@ -142,7 +124,7 @@ def diversity(distributions: Sequence[dict[str, float]], step: int) -> Diversity
 class CollapseGuard:
     """Tracks answer diversity over a transductive run, keeps the best snapshot, and detects collapse.
 
-    ``before`` holds each input's answer distribution before adaptation; ``start`` the adapter's snapshot then.
+    ``before`` holds each input's answer distribution before adaptation; ``start`` the LoRA weights' snapshot then.
     """
 
     def __init__(self, config, before: Sequence[dict[str, float]], start: Snapshot | None):
@@ -159,8 +141,8 @@ class CollapseGuard:
         return step % every == 0
 
     def check(self, step: int, answers: Sequence[Sequence[str | None]], model, optimizer) -> DiversityCheck:
-        """The statistics of ``answers`` (one list of sampled answers per input, from the current adapter); keep a
-        snapshot of the adapter if they are the best so far; ``collapsed`` says whether to stop."""
+        """The statistics of ``answers`` (one list of sampled answers per input, from the current LoRA weights); keep
+        a snapshot of the LoRA weights if they are the best so far; ``collapsed`` says whether to stop."""
         current = diversity([answer_distribution(list(a)) for a in answers], step)
         current.collapsed = self._collapsed(current)
         self.history.append(current)

@@ -1,24 +1,20 @@
-"""The TTRV adaptation loops: one GRPO step, the episodic loop and the transductive loop.
+"""The TTRV adaptation loops: one step (sample, then update), the episodic loop and the transductive loop.
 
 Deviations from the paper, and why:
 - the same N rollouts are sampled and trained on (the paper samples 32 votes and trains on 16); on the edge
   every rollout costs, and the frequency estimate of N=8..16 was enough in our tests;
 - episodic mode stops early when the rollouts reach consensus (the group's advantages would all be zero);
-- a group whose rewards are all equal is skipped, not trained on with zero advantages: the loss and gradient
-  would be exactly zero anyway, and skipping saves the backward pass;
 - "before" and "after" report the greedy answer and the distribution of N samples, so the effect of adaptation
   on the sampled answers (what TTRL reports) is visible beside the greedy one;
-- not in the paper, for unattended runs (``guards.py``, ``checkpoints.py``): an update with a NaN/Inf loss or
-  gradient is undone and recorded as skipped; transductive mode checks, without labels, that the answers stay
-  diverse across inputs and stops and rolls back when they collapse to one answer (the failure the paper reports
-  after long adaptation); a transductive run can be checkpointed and resumed to the same adapter.
+- not in the paper, for unattended runs (``guards.py``, ``io/checkpoints.py``): transductive mode checks, without
+  labels, that the answers stay diverse across inputs and stops and rolls back when they collapse to one answer
+  (the failure the paper reports after long adaptation); a transductive run can be checkpointed and resumed to the
+  same LoRA weights. The update itself (rewards, loss, the NaN/Inf guard) is ``update.py``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,132 +22,19 @@ import torch
 from ..config import TTRVConfig
 from ..io.answers import Question, answer_distribution, majority_answer
 from ..io.checkpoints import RunCheckpoint, save_adapter
-from ..memory.planner import MemoryPlanner, run_with_backoff
-from ..models.loading import LoadedVLM, load_lora_state, lora_state
+from ..memory.planner import MemoryPlanner
+from ..models.loading import LoadedVLM
+from ..models.lora import load_lora_state, lora_state, take_snapshot
 from ..models.quantize import check_loaded
-from .guards import (
-    NONFINITE_WEIGHTS,
-    CollapseGuard,
-    all_finite,
-    nonfinite_reason,
-    restore_snapshot,
-    take_snapshot,
-)
-from .rewards import compute_rewards
-from .sampling import (
-    Rollouts,
-    greedy_text,
-    grpo_backward,
-    logprob_gap,
-    sample_rollouts,
-    score_rollouts,
-    train_shape,
-)
+from .guards import CollapseGuard
+from .records import ItemResult, Prediction, PreparedItem, Progress, StepRecord, UpdateOutcome, consensus_of, item_seed
+from .sampling import Rollouts, greedy_text, sample_rollouts
+from .update import grpo_update
 
-Progress = Callable[[int], None]
-"""Called with the number of work units just finished (one unit = one sampling round)."""
+__all__ = ["AdaptationLoop"]
 
 
-@dataclass
-class Prediction:
-    """An answer to one input: greedy decoding, and the distribution of N sampled answers."""
-
-    answer: str | None
-    distribution: dict[str, float]
-    majority: str | None
-    text: str
-
-
-@dataclass
-class StepRecord:
-    """One sampling round. ``mean_reward`` and ``loss`` are None when it stopped on consensus before rewarding."""
-
-    step: int
-    mean_reward: float | None
-    consensus: float
-    loss: float | None
-    seconds: float
-    updated: bool
-    answer_entropy: float
-    skipped: str | None = None  # why the update was undone (e.g. "non-finite loss"); None when it ran or had no signal
-    logprob_gap: float | None = None  # max |log-prob under the sampler - under the training forward|, before the update
-
-
-@dataclass
-class UpdateOutcome:
-    """What one ``update`` did: the loss (None when skipped or without signal), the mean reward, each group's answer
-    entropy, why it was undone (if it was) and the sampler-vs-training log-prob gap of the tokens it trained on."""
-
-    loss: float | None
-    mean_reward: float
-    answer_entropies: list[float]
-    skipped: str | None = None
-    logprob_gap: float | None = None
-
-    def record(self, step: int, consensus: float, seconds: float) -> StepRecord:
-        return StepRecord(
-            step=step,
-            mean_reward=self.mean_reward,
-            consensus=consensus,
-            loss=self.loss,
-            seconds=seconds,
-            updated=self.loss is not None,
-            answer_entropy=sum(self.answer_entropies) / len(self.answer_entropies),
-            skipped=self.skipped,
-            logprob_gap=self.logprob_gap,
-        )
-
-
-@dataclass
-class ItemResult:
-    image: str
-    question: str
-    choices: list[str] | None
-    before: Prediction
-    after: Prediction | None = None
-    steps: list[StepRecord] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ItemResult:
-        """Inverse of ``to_dict`` (used to resume a checkpointed run)."""
-        after = data.get("after")
-        return cls(
-            image=data["image"],
-            question=data["question"],
-            choices=data["choices"],
-            before=Prediction(**data["before"]),
-            after=Prediction(**after) if after is not None else None,
-            steps=[StepRecord(**s) for s in data["steps"]],
-        )
-
-
-@dataclass
-class PreparedItem:
-    """An input ready for the model: its image already encoded by the processor."""
-
-    label: str
-    question: Question
-    inputs: dict
-
-
-def item_seed(seed: int, *parts: int) -> int:
-    """A per-(phase, item, step) seed derived from the run's seed, stable across runs and platforms."""
-    value = seed
-    for part in parts:
-        value = (value * 1_000_003 + part + 1) % (2**63 - 1)
-    return value
-
-
-def consensus_of(answers: Sequence[str | None]) -> float:
-    """Fraction of rollouts that gave the majority answer (0 when none is valid)."""
-    majority = majority_answer(list(answers))
-    return 0.0 if majority is None else sum(a == majority for a in answers) / len(answers)
-
-
-class Adapter:
+class AdaptationLoop:
     """Runs TTRV on a loaded VLM: holds the optimizer and the snapshot of the LoRA weights to reset to."""
 
     last_run: dict | None = None  # what ``adapt_transductive`` reported about its last run (guards, resume)
@@ -171,7 +54,7 @@ class Adapter:
         return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def reset(self) -> None:
-        """Restore the LoRA weights the adapter started from and forget the optimizer state."""
+        """Restore the LoRA weights the loop started from and forget the optimizer state."""
         load_lora_state(self.vlm.model, self.initial_state)
         self.optimizer = self._new_optimizer()
 
@@ -181,7 +64,7 @@ class Adapter:
     # ------------------------------------------------------------------ answering
 
     def predict(self, item: PreparedItem, seed: int) -> Prediction:
-        """Greedy answer and the answer distribution of N samples, with the current adapter."""
+        """Greedy answer and the answer distribution of N samples, with the current LoRA weights."""
         text = greedy_text(self.vlm, item.inputs, max_new_tokens=self.config.max_new_tokens)
         _, answers = self.sample(item, seed)
         return self._prediction(item.question, text, answers)
@@ -211,90 +94,9 @@ class Adapter:
         return rollouts, [item.question.extract(t) for t in rollouts.texts]
 
     def update(self, groups: list[tuple[Rollouts, list[str | None]]]) -> UpdateOutcome:
-        """One GRPO update on the sampled groups, as a straight recipe: rewards -> reference log-probs -> backward over
-        micro-batches -> guarded optimizer step (repeated ``inner_updates`` times).
-
-        Only informative groups are trained on: a group whose advantages are all zero (every rollout agreed) adds
-        nothing to the gradient, and its tokens are also left out of the token-mean's denominator so that they do not
-        shrink the step of the groups that carry signal (TRL's GRPOTrainer keeps them in the denominator). The loss
-        runs in micro-batches sized by the memory budget, gradients accumulating, so the update equals the one-batch
-        update; an out-of-memory error halves the micro-batch and redoes the pass (``run_with_backoff``). The base
-        model stays in eval mode: its dropout (vision tower included) must not differ from the sampler's.
-        ``skip_nonfinite``: a NaN/Inf loss, gradient or weight restores the LoRA weights and optimizer state from
-        before the update, and the outcome says why.
-        """
-        cfg = self.config
-        rollouts = [r for r, _ in groups]
-        shape = train_shape(self.vlm, rollouts)
-        size = self.memory.micro_batch("train", max(r.num for r in rollouts), shape)
-        # 1. rewards and advantages (self-certainty needs every rollout's token entropy first: a no-grad pass)
-        old = token_entropy = None
-        if cfg.entropy_signal == "self-certainty":
-            scored, size = self._with_backoff(lambda n: [self._score(r, n) for r in rollouts], size, shape)
-            old = [logp for logp, _ in scored]
-            token_entropy = torch.stack(
-                [_mean_over_tokens(e, r.completion_mask) for (_, e), r in zip(scored, rollouts)]
-            )
-        rewards = compute_rewards(
-            [a for _, a in groups],
-            reward=cfg.reward,
-            alpha=cfg.alpha,
-            entropy_signal=cfg.entropy_signal,
-            token_entropy=token_entropy,
-            baseline=cfg.baseline,
-            device=self.vlm.device,
-        )
-        outcome = UpdateOutcome(None, float(rewards.rewards.mean()), rewards.answer_entropy.tolist())
-        informative = [
-            g
-            for g, r in enumerate(rollouts)
-            if bool(rewards.advantages[g].abs().max() > 0) and bool(r.completion_mask.any())
-        ]
-        if not informative:
-            return outcome
-        train = [rollouts[g] for g in informative]
-        advantages = rewards.advantages[informative]
-        old = None if old is None else [old[g] for g in informative]
-        # 2. reference log-probs: the same model with the adapter disabled
-        refs = None
-        if cfg.beta > 0:
-            with self.vlm.model.disable_adapter():
-                refs, size = self._with_backoff(lambda n: [self._score(r, n)[0] for r in train], size, shape)
-        # 3. backward over micro-batches, then a guarded optimizer step
-        params = [p for p in self.vlm.model.parameters() if p.requires_grad]
-        snapshot = take_snapshot(self.vlm.model, self.optimizer) if cfg.skip_nonfinite else None
-        for _ in range(cfg.inner_updates):
-
-            def backward_pass(n: int, old=old):
-                self.optimizer.zero_grad(set_to_none=True)  # a retry after an OOM starts from clean gradients
-                return grpo_backward(self.vlm, train, advantages, cfg, n, old_logp=old, ref_logp=refs)
-
-            (loss, logps), size = self._with_backoff(backward_pass, size, shape)
-            if outcome.logprob_gap is None:
-                outcome.logprob_gap = logprob_gap(train, logps)
-            old = old if old is not None else logps
-            outcome.skipped = nonfinite_reason(loss, params) if snapshot is not None else None
-            if outcome.skipped is None:
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                self.optimizer.step()
-                if snapshot is not None and not all_finite(params):
-                    outcome.skipped = NONFINITE_WEIGHTS
-            if outcome.skipped is not None:
-                restore_snapshot(self.vlm.model, self.optimizer, snapshot)
-                return outcome
-            outcome.loss = loss
-        return outcome
-
-    def _score(self, rollouts: Rollouts, micro_batch: int):
-        cfg = self.config
-        return score_rollouts(
-            self.vlm, rollouts, temperature=cfg.temperature, backend=cfg.backend, micro_batch=micro_batch
-        )
-
-    def _with_backoff(self, attempt, size: int, shape):
-        """``attempt(size)`` measured as the "train" phase, halving ``size`` on out-of-memory; (result, size)."""
-        return run_with_backoff(attempt, size, phase="train", shape=shape, planner=self.memory, device=self.vlm.device)
+        """One GRPO update on the sampled groups (``rl/update.py``: rewards -> reference log-probs -> backward over
+        micro-batches -> guarded optimizer step)."""
+        return grpo_update(self.vlm, self.optimizer, self.memory, self.config, groups)
 
     def step(self, items: list[PreparedItem], step: int, seed: int) -> StepRecord:
         """Sample every item's rollouts, then one update on all of them."""
@@ -364,7 +166,7 @@ class Adapter:
         The collapse guard (``collapse_guard``) checks the answers' diversity across inputs and may stop the run and
         roll back to its best snapshot. With ``checkpoint_dir`` the run is checkpointed every ``checkpoint_every``
         steps, and ``resume=True`` continues from the checkpoint there (a fresh start when there is none); the
-        resumed run ends with the same adapter as an uninterrupted one. ``self.last_run`` reports the guard's
+        resumed run ends with the same LoRA weights as an uninterrupted one. ``self.last_run`` reports the guard's
         checks, any collapse, the skipped (non-finite) steps and where the run resumed.
         """
         cfg = self.config
@@ -422,7 +224,7 @@ class Adapter:
         return ItemResult(item.label, item.question.text, _choices(item.question), before=before)
 
     def _check_collapse(self, guard: CollapseGuard, items: list[PreparedItem], steps_done: int, per_epoch: int) -> bool:
-        """When due, sample every input with the current adapter and let the guard judge; on collapse roll back to
+        """When due, sample every input with the current LoRA weights and let the guard judge; on collapse roll back to
         its best snapshot and say to stop."""
         if not self.config.collapse_guard or not guard.due(steps_done, per_epoch):
             return False
@@ -432,15 +234,15 @@ class Adapter:
         guard.roll_back(steps_done, self.vlm.model, self.optimizer)
         return True
 
+    def memory_report(self) -> dict:
+        """What the memory planner measured and chose so far (``MemoryPlanner.report``)."""
+        return self.memory.report()
+
     def work_units(self, mode: str, num_items: int) -> int:
         """Units of ``progress`` a run will report, for sizing a progress bar."""
         if mode == "episodic":
             return num_items * (self.config.steps + 1)
         return num_items * (2 + self.config.epochs)
-
-
-def _mean_over_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
 
 
 def _choices(question: Question) -> list[str] | None:

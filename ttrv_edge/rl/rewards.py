@@ -1,7 +1,7 @@
 """Rewards and advantages for groups of rollouts: a thin layer over ``ttrv_edge.kernels``.
 
 Maps the extracted answers of each input's rollouts to integer ids and calls the fused ``group_rewards`` op
-(frequency + entropy, DESIGN §1.4) or computes TTRL's majority reward. Two deviations from the paper are options,
+(frequency + entropy, docs/method.md §3) or computes TTRL's majority reward. Two deviations from the paper are options,
 not defaults, and are documented in the config:
 
 - ``entropy_signal="self-certainty"`` replaces the paper's answer entropy, which is the same for every rollout of

@@ -1,0 +1,83 @@
+"""A model's processor (image processor + tokenizer + chat template), loadable without torchvision.
+
+Qwen2-VL (and Qwen2.5-VL) processors own a video processor that needs torchvision, which is not installed on CPU
+machines. ``load_processor`` rebuilds such a processor from its image processor and tokenizer with the video part
+dropped (``image_only_processor``); videos are not supported by ttrv-edge anyway.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["VIDEO_PROCESSOR_TYPES", "image_only_processor", "load_processor"]
+
+# Processors whose video half needs torchvision; they are rebuilt image-only when AutoProcessor cannot load them.
+VIDEO_PROCESSOR_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
+
+
+def _model_type(path: str) -> str | None:
+    config = Path(path) / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("model_type")
+    return None
+
+
+def image_only_processor(processor_cls):
+    """A subclass of ``processor_cls`` without its video processor (which needs torchvision)."""
+
+    class ImageOnlyProcessor(processor_cls):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(
+                image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
+            )
+            self.video_processor = None
+
+    ImageOnlyProcessor.__name__ = processor_cls.__name__
+    ImageOnlyProcessor.__qualname__ = processor_cls.__qualname__
+    return ImageOnlyProcessor
+
+
+def _processor_from_parts(path: str, model_type: str, trust_remote_code: bool):
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    cfg_file = Path(path) / "processor_config.json"
+    cls_name = json.loads(cfg_file.read_text()).get("processor_class") if cfg_file.is_file() else None
+    if cls_name is None:
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+        cls_name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    processor_cls = getattr(transformers, cls_name or "", None)
+    if processor_cls is None:
+        raise ValueError(f"--model: no processor class for model type {model_type!r}")
+    image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    template_file = Path(path) / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
+    return image_only_processor(processor_cls)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=template
+    )
+
+
+def load_processor(path, trust_remote_code: bool = False):
+    """The model's processor (image processor + tokenizer + chat template), video part dropped where it needs
+    torchvision (Qwen2-VL family)."""
+    from transformers import AutoProcessor
+
+    path = str(path)
+    model_type = _model_type(path)
+    if model_type in VIDEO_PROCESSOR_TYPES and not _has_torchvision():
+        return _processor_from_parts(path, model_type, trust_remote_code)
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        if model_type not in VIDEO_PROCESSOR_TYPES:
+            raise
+        return _processor_from_parts(path, model_type, trust_remote_code)
+
+
+def _has_torchvision() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None

@@ -1,0 +1,119 @@
+"""One GRPO update of the LoRA weights on groups of sampled rollouts, as one straight recipe.
+
+Deviations from the paper, and why:
+- a group whose rewards are all equal is skipped, not trained on with zero advantages: the loss and gradient
+  would be exactly zero anyway, and skipping saves the backward pass;
+- not in the paper, for unattended runs (``guards.py``): an update with a NaN/Inf loss, gradient or weight is undone
+  (the LoRA weights and optimizer state are restored from a snapshot) and recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import TTRVConfig
+from ..memory.backoff import run_with_backoff
+from ..memory.planner import MemoryPlanner
+from ..models.loading import LoadedVLM
+from ..models.lora import restore_snapshot, take_snapshot
+from .guards import NONFINITE_WEIGHTS, all_finite, nonfinite_reason
+from .loss import grpo_backward, logprob_gap, train_shape
+from .records import UpdateOutcome
+from .rewards import compute_rewards
+from .sampling import Rollouts
+from .scoring import score_rollouts
+
+__all__ = ["grpo_update"]
+
+
+def grpo_update(
+    vlm: LoadedVLM,
+    optimizer: torch.optim.Optimizer,
+    memory: MemoryPlanner,
+    config: TTRVConfig,
+    groups: list[tuple[Rollouts, list[str | None]]],
+) -> UpdateOutcome:
+    """One GRPO update on the sampled groups, as a straight recipe: rewards -> reference log-probs -> backward over
+    micro-batches -> guarded optimizer step (repeated ``inner_updates`` times).
+
+    Only informative groups are trained on: a group whose advantages are all zero (every rollout agreed) adds
+    nothing to the gradient, and its tokens are also left out of the token-mean's denominator so that they do not
+    shrink the step of the groups that carry signal (TRL's GRPOTrainer keeps them in the denominator). The loss
+    runs in micro-batches sized by the memory budget, gradients accumulating, so the update equals the one-batch
+    update; an out-of-memory error halves the micro-batch and redoes the pass (``run_with_backoff``). The base
+    model stays in eval mode: its dropout (vision tower included) must not differ from the sampler's.
+    ``skip_nonfinite``: a NaN/Inf loss, gradient or weight restores the LoRA weights and optimizer state from
+    before the update, and the outcome says why.
+    """
+    cfg = config
+    rollouts = [r for r, _ in groups]
+    shape = train_shape(vlm, rollouts)
+    size = memory.micro_batch("train", max(r.num for r in rollouts), shape)
+
+    def with_backoff(attempt, size: int):
+        """``attempt(size)`` measured as the "train" phase, halving ``size`` on out-of-memory; (result, size)."""
+        return run_with_backoff(attempt, size, phase="train", shape=shape, planner=memory, device=vlm.device)
+
+    def score(r: Rollouts, micro_batch: int):
+        return score_rollouts(vlm, r, temperature=cfg.temperature, backend=cfg.backend, micro_batch=micro_batch)
+
+    # 1. rewards and advantages (self-certainty needs every rollout's token entropy first: a no-grad pass)
+    old = token_entropy = None
+    if cfg.entropy_signal == "self-certainty":
+        scored, size = with_backoff(lambda n: [score(r, n) for r in rollouts], size)
+        old = [logp for logp, _ in scored]
+        token_entropy = torch.stack([_mean_over_tokens(e, r.completion_mask) for (_, e), r in zip(scored, rollouts)])
+    rewards = compute_rewards(
+        [a for _, a in groups],
+        reward=cfg.reward,
+        alpha=cfg.alpha,
+        entropy_signal=cfg.entropy_signal,
+        token_entropy=token_entropy,
+        baseline=cfg.baseline,
+        device=vlm.device,
+    )
+    outcome = UpdateOutcome(None, float(rewards.rewards.mean()), rewards.answer_entropy.tolist())
+    informative = [
+        g
+        for g, r in enumerate(rollouts)
+        if bool(rewards.advantages[g].abs().max() > 0) and bool(r.completion_mask.any())
+    ]
+    if not informative:
+        return outcome
+    train = [rollouts[g] for g in informative]
+    advantages = rewards.advantages[informative]
+    old = None if old is None else [old[g] for g in informative]
+    # 2. reference log-probs: the same model with the adapter disabled
+    refs = None
+    if cfg.beta > 0:
+        with vlm.model.disable_adapter():
+            refs, size = with_backoff(lambda n: [score(r, n)[0] for r in train], size)
+    # 3. backward over micro-batches, then a guarded optimizer step
+    params = [p for p in vlm.model.parameters() if p.requires_grad]
+    snapshot = take_snapshot(vlm.model, optimizer) if cfg.skip_nonfinite else None
+    for _ in range(cfg.inner_updates):
+
+        def backward_pass(n: int, old=old):
+            optimizer.zero_grad(set_to_none=True)  # a retry after an OOM starts from clean gradients
+            return grpo_backward(vlm, train, advantages, cfg, n, old_logp=old, ref_logp=refs)
+
+        (loss, logps), size = with_backoff(backward_pass, size)
+        if outcome.logprob_gap is None:
+            outcome.logprob_gap = logprob_gap(train, logps)
+        old = old if old is not None else logps
+        outcome.skipped = nonfinite_reason(loss, params) if snapshot is not None else None
+        if outcome.skipped is None:
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            if snapshot is not None and not all_finite(params):
+                outcome.skipped = NONFINITE_WEIGHTS
+        if outcome.skipped is not None:
+            restore_snapshot(vlm.model, optimizer, snapshot)
+            return outcome
+        outcome.loss = loss
+    return outcome
+
+
+def _mean_over_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
