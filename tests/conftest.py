@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_idefics3_dir(tmp_path_factory):
     """A tiny random Idefics3 (SmolVLM family) saved like a hub model (never in the user's cache)."""
-    from ttrv_edge.models.tiny import build_tiny_vlm
+    from ttrv_edge.models.builders import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-idefics3"), "idefics3")
 
@@ -28,7 +28,7 @@ def tiny_idefics3_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen2vl_dir(tmp_path_factory):
     """A tiny random Qwen2-VL saved like a hub model (never in the user's cache)."""
-    from ttrv_edge.models.tiny import build_tiny_vlm
+    from ttrv_edge.models.builders import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-qwen2-vl"), "qwen2_vl")
 

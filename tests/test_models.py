@@ -18,7 +18,7 @@ from ttrv_edge.models import (
     lora_state,
     sequence_inputs,
 )
-from ttrv_edge.models.tiny import build_tiny_vlm, ensure_tiny_vlm
+from ttrv_edge.models.builders import build_tiny_vlm, ensure_tiny_vlm
 
 ARCHS = ["idefics3", "qwen2_vl"]
 PIXEL_KEYS = {"idefics3": {"pixel_values", "pixel_attention_mask"}, "qwen2_vl": {"pixel_values", "image_grid_thw"}}
@@ -271,6 +271,6 @@ def test_tiny_aliases_use_the_cache_once(tmp_path, monkeypatch):
     assert path == tmp_path / "cache" / "tiny-idefics3-v1" and (path / "model.safetensors").is_file()
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     calls = []
-    monkeypatch.setattr("ttrv_edge.models.tiny.build_tiny_vlm", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr("ttrv_edge.models.builders.build_tiny_vlm", lambda *a, **k: calls.append(a))
     assert models.resolve_model_path("tiny") == str(path)
     assert calls == [] and (path / "model.safetensors").stat().st_mtime_ns == stamp

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from .config import TTRVConfig
 from .demo.commands import register as register_demo_commands
-from .export.commands import register as register_onnx_commands
+from .export.commands import register as register_export_commands
 from .io.answers import DEFAULT_QUESTION, Question, parse_options, read_labels
 
 app = typer.Typer(
@@ -223,7 +223,7 @@ def _describe(prediction: dict) -> str:
 
 
 register_demo_commands(app)  # demo-train, eval (ttrv_edge/demo/commands.py)
-register_onnx_commands(app)  # export, answer (ttrv_edge/export/commands.py)
+register_export_commands(app)  # export, answer (ttrv_edge/export/commands.py)
 
 
 def _quiet_libraries() -> None:

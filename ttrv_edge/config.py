@@ -61,7 +61,7 @@ class TTRVConfig:
     )
     collapse_guard: bool = _help(
         "transductive mode: stop and roll back to the most diverse checkpoint when nearly all inputs collapse to "
-        "one majority answer (label-free; see ttrv_edge/guards.py)",
+        "one majority answer (label-free; see ttrv_edge/rl/guards.py)",
         True,
     )
     collapse_share: float = _help(

@@ -1,7 +1,7 @@
 """Train the demo VLM from scratch on clean synthetic scenes (``ttrv-edge demo-train``) on a CPU.
 
-The model is a tiny Idefics3 (SmolVLM family) built by ``ttrv_edge.models.tiny.build_tiny_vlm`` with the scene words in
-its vocabulary, so the same loading and adaptation code path serves SmolVLM-256M. Recipe:
+The model is a tiny Idefics3 (SmolVLM family) built by ``ttrv_edge.models.builders.build_tiny_vlm`` with the scene words
+in its vocabulary, so the same loading and adaptation code path serves SmolVLM-256M. Recipe:
 
 - constant AdamW learning rate 1e-3, batch 32, no warm-up/cosine schedule (a warm-up+cosine recipe stayed near
   chance in our runs);
@@ -174,14 +174,6 @@ def loss_and_accuracy(model, batch: dict, smoothing: float) -> tuple[torch.Tenso
     return loss, decisive_acc, float(token_ok)
 
 
-def build_model(out_dir: Path, hidden: int, layers: int, seed: int) -> Path:
-    from ..models.tiny import build_tiny_vlm
-
-    return build_tiny_vlm(
-        out_dir, "idefics3", seed=seed, words=scene_words(), image_size=64, hidden=hidden, layers=layers, patch=8
-    )
-
-
 def sincos_positions(side: int, dim: int) -> torch.Tensor:
     """2D sin-cos position embeddings [side * side, dim] (row-major patches, as Idefics3's vision embeddings)."""
     quarter = dim // 4
@@ -258,7 +250,8 @@ def train(
         raise ValueError(f"--smoothing must be in [0, 1), got {smoothing}")
     from transformers import AutoModelForImageTextToText
 
-    from ..models.loading import load_processor
+    from ..models.builders import build_tiny_vlm
+    from ..models.processors import load_processor
 
     if threads:
         torch.set_num_threads(threads)
@@ -266,7 +259,9 @@ def train(
     out = Path(out_dir)
     work = out.with_name(out.name + ".building")
     shutil.rmtree(work, ignore_errors=True)
-    build_model(work, hidden, layers, seed)
+    build_tiny_vlm(
+        work, "idefics3", seed=seed, words=scene_words(), image_size=64, hidden=hidden, layers=layers, patch=8
+    )
     processor = load_processor(work)
     model = AutoModelForImageTextToText.from_pretrained(init or work, dtype=torch.float32)
     model.train()

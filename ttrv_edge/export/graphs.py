@@ -141,7 +141,7 @@ def text_model(model, arch: str):
 
 
 def image_config(processor, arch: str) -> dict:
-    """The manifest's ``preprocess`` section: the processor's image settings, flattened for onnx_preprocess."""
+    """The manifest's ``preprocess`` section: the processor's image settings, flattened for runtime/preprocess.py."""
     ip = processor.image_processor.to_dict()
     common = {k: ip.get(k) for k in ("do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean")}
     common.update(image_std=ip.get("image_std"), resample=int(ip.get("resample") or 3), kind=arch)

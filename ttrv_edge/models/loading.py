@@ -33,12 +33,11 @@ __all__ = [
 
 TINY_NAMES = {"tiny": "idefics3", "tiny-idefics3": "idefics3", "tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2_vl": "qwen2_vl"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes")
 
 
 @dataclass
 class LoadedVLM:
-    """A VLM with a LoRA adapter, its processor and tokenizer."""
+    """A VLM with LoRA on its language model, its processor and tokenizer."""
 
     model: Any  # peft.PeftModel
     processor: Any
@@ -227,7 +226,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
         return str(demo_model_dir())
     if name_or_path in TINY_NAMES:
-        from .tiny import ensure_tiny_vlm
+        from .builders import ensure_tiny_vlm
 
         return str(ensure_tiny_vlm(TINY_NAMES[name_or_path]))
     path = Path(name_or_path).expanduser()

@@ -1,6 +1,6 @@
 """Answer questions about images with an exported ttrv-edge model on onnxruntime, without torch.
 
-This module and everything it imports (``onnx_preprocess``, ``answers``, ``images``) stay free of torch and
+This module and everything it imports (``preprocess``, ``io.answers``, ``io.images``) stay free of torch and
 transformers: an exported model answers with onnxruntime, numpy, pillow, tokenizers and jinja2 only
 (tests/test_export.py runs it in a subprocess and checks ``sys.modules``).
 
