@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-REWARDS = ("ttrv", "majority")
+REWARDS = ("ttrv", "majority", "gated")
+VIEW_TRANSFORMS = ("geometric", "photometric")
 ENTROPY_SIGNALS = ("answer", "self-certainty")
 AGGREGATIONS = ("token-mean", "sequence-mean")
 BASELINES = ("group", "batch")
@@ -38,7 +39,24 @@ class TTRVConfig:
     temperature: float = _help("sampling temperature of the rollouts (paper: 1.0; 1.5 for Qwen models)", 1.0)
     max_new_tokens: int = _help("longest rollout, in tokens", 16)
     alpha: float = _help("weight of the entropy reward (paper's reference implementation: 0.75)", 0.75)
-    reward: str = _help("'ttrv' (frequency + entropy) or 'majority' (TTRL's 0/1 majority reward)", "ttrv")
+    reward: str = _help(
+        "'ttrv' (frequency + entropy), 'majority' (TTRL's 0/1 majority reward) or 'gated' (1 for the majority answer "
+        "only when its share reaches --gate-share and leads the runner-up by --gate-margin; otherwise no update)",
+        "ttrv",
+    )
+    gate_share: float = _help("gated reward: least share of the N rollouts the majority answer needs", 0.5)
+    gate_margin: float = _help("gated reward: least lead of the majority answer's share over the runner-up's", 0.25)
+    views: int = _help(
+        "V: spread the N rollouts over V label-preserving views of the image (view 1 is the image itself) and vote "
+        "across them; rewards come from the pooled vote (1 = the image only, as in the paper; N must be a multiple "
+        "of V)",
+        1,
+    )
+    view_transforms: str = _help(
+        "views: 'geometric' (crop of 0.8-1.0 of the area, shift of up to 3 px, flip unless the question says left "
+        "or right) or 'photometric' (geometric plus one of blur, median, autocontrast, equalisation: changes colours)",
+        "geometric",
+    )
     entropy_signal: str = _help(
         "'answer': the paper's -H(p)/log K, equal for all rollouts of an input; 'self-certainty': minus the "
         "rollout's mean token entropy, which does not cancel under group normalisation",
@@ -112,6 +130,7 @@ class TTRVConfig:
             raise ValueError(f"--eps-low must be < 1, got {self.eps_low!r}")
         for name, allowed in (
             ("reward", REWARDS),
+            ("view_transforms", VIEW_TRANSFORMS),
             ("entropy_signal", ENTROPY_SIGNALS),
             ("baseline", BASELINES),
             ("aggregation", AGGREGATIONS),
@@ -119,8 +138,18 @@ class TTRVConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        self._check_views()
         self._check_reliability()
         self._check_memory()
+
+    def _check_views(self) -> None:
+        if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 1:
+            raise ValueError(f"--views must be a positive integer, got {self.views!r}")
+        if self.rollouts % self.views:
+            raise ValueError(f"--rollouts ({self.rollouts}) must be a multiple of --views ({self.views})")
+        for name in ("gate_share", "gate_margin"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{_flag(name)} must be in [0, 1], got {getattr(self, name)!r}")
 
     def _check_memory(self) -> None:
         from .memory.budget import parse_memory_budget
