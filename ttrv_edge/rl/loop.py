@@ -30,6 +30,7 @@ from .guards import CollapseGuard
 from .records import ItemResult, Prediction, PreparedItem, Progress, StepRecord, UpdateOutcome, consensus_of, item_seed
 from .sampling import Rollouts, greedy_text, sample_rollouts
 from .update import grpo_update
+from .views import flip_allowed, load_rgb, make_views
 
 __all__ = ["AdaptationLoop"]
 
@@ -59,12 +60,13 @@ class AdaptationLoop:
         self.optimizer = self._new_optimizer()
 
     def prepare(self, label: str, image, question: Question) -> PreparedItem:
-        return PreparedItem(label, question, self.vlm.prompt_inputs(image, question.prompt()))
+        return PreparedItem(label, question, self.vlm.prompt_inputs(image, question.prompt()), image)
 
     # ------------------------------------------------------------------ answering
 
     def predict(self, item: PreparedItem, seed: int) -> Prediction:
-        """Greedy answer and the answer distribution of N samples, with the current LoRA weights."""
+        """Greedy answer and the answer distribution of N samples, with the current LoRA weights (with ``views`` > 1
+        the samples are spread over the views, so ``majority`` is the view vote)."""
         text = greedy_text(self.vlm, item.inputs, max_new_tokens=self.config.max_new_tokens)
         _, answers = self.sample(item, seed)
         return self._prediction(item.question, text, answers)
@@ -80,18 +82,36 @@ class AdaptationLoop:
 
     # ------------------------------------------------------------------ one GRPO step
 
-    def sample(self, item: PreparedItem, seed: int) -> tuple[Rollouts, list[str | None]]:
+    def sample(self, item: PreparedItem, seed: int) -> tuple[Rollouts | list[Rollouts], list[str | None]]:
+        """N rollouts of the item and their answers. With ``views`` = V > 1, N / V rollouts from each of V views of
+        its image (view 1 is the image itself; one prefill per view): a list of V ``Rollouts`` and the pooled
+        answers, in order."""
         cfg = self.config
-        rollouts = sample_rollouts(
+        if cfg.views == 1:
+            rollouts = self._sample_inputs(item.inputs, cfg.rollouts, seed)
+            return rollouts, [item.question.extract(t) for t in rollouts.texts]
+        if item.image is None:
+            raise ValueError("--views needs the item's image (prepare items with AdaptationLoop.prepare)")
+        flip = flip_allowed(item.question.text)
+        images = make_views(load_rgb(item.image), cfg.views, seed, cfg.view_transforms, flip)
+        per_view = cfg.rollouts // cfg.views
+        groups = []
+        for v, image in enumerate(images):
+            inputs = item.inputs if v == 0 else self.vlm.prompt_inputs(image, item.question.prompt())
+            groups.append(self._sample_inputs(inputs, per_view, item_seed(seed, 100 + v)))
+        return groups, [item.question.extract(t) for r in groups for t in r.texts]
+
+    def _sample_inputs(self, inputs: dict, num: int, seed: int) -> Rollouts:
+        cfg = self.config
+        return sample_rollouts(
             self.vlm,
-            item.inputs,
-            cfg.rollouts,
+            inputs,
+            num,
             temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens,
             seed=seed,
             memory=self.memory,
         )
-        return rollouts, [item.question.extract(t) for t in rollouts.texts]
 
     def update(self, groups: list[tuple[Rollouts, list[str | None]]]) -> UpdateOutcome:
         """One GRPO update on the sampled groups (``rl/update.py``: rewards -> reference log-probs -> backward over

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from ..io.answers import Question, majority_answer
 
@@ -105,11 +106,12 @@ class ItemResult:
 
 @dataclass
 class PreparedItem:
-    """An input ready for the model: its image already encoded by the processor."""
+    """An input ready for the model: its image already encoded by the processor (and kept, for views)."""
 
     label: str
     question: Question
     inputs: dict
+    image: Any = None  # the RGB PIL image, from which views are made
 
 
 def item_seed(seed: int, *parts: int) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..kernels.reference import group_advantages, majority_rewards
+from ..kernels.reference import answer_frequencies, group_advantages, majority_rewards
 
 INVALID_ID = -1
 
@@ -47,6 +47,21 @@ def answer_ids(groups: list[list[str | None]], device: torch.device | str | None
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
+def gate_passes(ids: torch.Tensor, share: float, margin: float) -> torch.Tensor:
+    """[G] bool: the group's majority answer holds at least ``share`` of its N rollouts and leads the runner-up
+    answer by at least ``margin`` (shares of N; unreadable rollouts count in N but never as an answer).
+
+    The gated reward (SCRL-style) gives the majority TTRL's 1/0 pseudo-label only when it passes; a group that does
+    not pass gets equal rewards, hence zero advantages, and is left out of the update: a weak model is not taught a
+    consensus it does not have. Deviation from SCRL: no negative reward for rare, confidently generated answers.
+    """
+    freq, valid = answer_frequencies(ids, INVALID_ID)
+    top = torch.where(valid, freq, torch.zeros_like(freq)).amax(-1)
+    majority = majority_rewards(ids, INVALID_ID).bool()
+    runner_up = torch.where(valid & ~majority, freq, torch.zeros_like(freq)).amax(-1)
+    return (top >= share - 1e-9) & (top - runner_up >= margin - 1e-9) & (top > 0)
+
+
 def compute_rewards(
     groups: list[list[str | None]],
     *,
@@ -55,6 +70,8 @@ def compute_rewards(
     entropy_signal: str = "answer",
     token_entropy: torch.Tensor | None = None,
     baseline: str = "group",
+    gate_share: float = 0.5,
+    gate_margin: float = 0.25,
     device: torch.device | str | None = None,
     backend: str = "torch",
 ) -> GroupRewards:
@@ -62,12 +79,15 @@ def compute_rewards(
     every tensor an op receives lives where the op runs).
 
     ``token_entropy`` [G, N] is each rollout's mean token entropy, needed for ``entropy_signal="self-certainty"``.
-    ``backend``: the reward op is a few hundred flops per input, so the update keeps it in torch; "triton" is for
+    ``reward="gated"`` uses ``gate_share`` and ``gate_margin`` (see ``gate_passes``). ``backend``: the reward op
+    is a few hundred flops per input, so the update keeps it in torch; "triton" is for
     tests and benchmarks of the kernel.
     """
     ids = answer_ids(groups, device)
-    if reward == "majority":
+    if reward in ("majority", "gated"):
         rewards = majority_rewards(ids, INVALID_ID)
+        if reward == "gated":
+            rewards = rewards * gate_passes(ids, gate_share, gate_margin).unsqueeze(-1)
         _, _, entropy = kernels.group_rewards(ids, alpha=0.0, invalid_id=INVALID_ID, backend=backend)
     elif entropy_signal == "answer":
         rewards, _, entropy = kernels.group_rewards(ids, alpha=alpha, invalid_id=INVALID_ID, backend=backend)

@@ -31,10 +31,14 @@ def grpo_update(
     optimizer: torch.optim.Optimizer,
     memory: MemoryPlanner,
     config: TTRVConfig,
-    groups: list[tuple[Rollouts, list[str | None]]],
+    groups: list[tuple[Rollouts | list[Rollouts], list[str | None]]],
 ) -> UpdateOutcome:
     """One GRPO update on the sampled groups, as a straight recipe: rewards -> reference log-probs -> backward over
     micro-batches -> guarded optimizer step (repeated ``inner_updates`` times).
+
+    A group is one input: its rollouts (or a list of them, one per view of its image) and the answers extracted from
+    all of them, in the same order. Rewards and advantages come from the pooled answers, so with views every view's
+    rollouts are trained toward the vote across views.
 
     Only informative groups are trained on: a group whose advantages are all zero (every rollout agreed) adds
     nothing to the gradient, and its tokens are also left out of the token-mean's denominator so that they do not
@@ -46,7 +50,8 @@ def grpo_update(
     before the update, and the outcome says why.
     """
     cfg = config
-    rollouts = [r for r, _ in groups]
+    views = [list(r) if isinstance(r, (list, tuple)) else [r] for r, _ in groups]  # each group's rollouts, per view
+    rollouts = [v for group in views for v in group]
     shape = train_shape(vlm, rollouts)
     size = memory.micro_batch("train", max(r.num for r in rollouts), shape)
 
@@ -57,12 +62,14 @@ def grpo_update(
     def score(r: Rollouts, micro_batch: int):
         return score_rollouts(vlm, r, temperature=cfg.temperature, backend=cfg.backend, micro_batch=micro_batch)
 
-    # 1. rewards and advantages (self-certainty needs every rollout's token entropy first: a no-grad pass)
+    # 1. rewards and advantages over each input's pooled rollouts (all its views), then split back per view
+    # (self-certainty needs every rollout's token entropy first: a no-grad pass)
     old = token_entropy = None
     if cfg.entropy_signal == "self-certainty":
         scored, size = with_backoff(lambda n: [score(r, n) for r in rollouts], size)
         old = [logp for logp, _ in scored]
-        token_entropy = torch.stack([_mean_over_tokens(e, r.completion_mask) for (_, e), r in zip(scored, rollouts)])
+        per_view = [_mean_over_tokens(e, r.completion_mask) for (_, e), r in zip(scored, rollouts)]
+        token_entropy = torch.stack([torch.cat(per_view[a:b]) for a, b in _spans(views)])
     rewards = compute_rewards(
         [a for _, a in groups],
         reward=cfg.reward,
@@ -70,19 +77,21 @@ def grpo_update(
         entropy_signal=cfg.entropy_signal,
         token_entropy=token_entropy,
         baseline=cfg.baseline,
+        gate_share=cfg.gate_share,
+        gate_margin=cfg.gate_margin,
         device=vlm.device,
     )
     outcome = UpdateOutcome(None, float(rewards.rewards.mean()), rewards.answer_entropy.tolist())
-    informative = [
-        g
-        for g, r in enumerate(rollouts)
-        if bool(rewards.advantages[g].abs().max() > 0) and bool(r.completion_mask.any())
+    view_advantages = [
+        row for g, group in enumerate(views) for row in rewards.advantages[g].split([r.num for r in group])
     ]
+    signal = [bool(rewards.advantages[g].abs().max() > 0) for g, group in enumerate(views) for _ in group]
+    informative = [i for i, r in enumerate(rollouts) if signal[i] and bool(r.completion_mask.any())]
     if not informative:
         return outcome
-    train = [rollouts[g] for g in informative]
-    advantages = rewards.advantages[informative]
-    old = None if old is None else [old[g] for g in informative]
+    train = [rollouts[i] for i in informative]
+    advantages = [view_advantages[i] for i in informative]
+    old = None if old is None else [old[i] for i in informative]
     # 2. reference log-probs: the same model with the adapter disabled
     refs = None
     if cfg.beta > 0:
@@ -113,6 +122,12 @@ def grpo_update(
             return outcome
         outcome.loss = loss
     return outcome
+
+
+def _spans(views: list[list[Rollouts]]) -> list[tuple[int, int]]:
+    """(start, stop) of each group's views in the flattened list of views."""
+    stops = torch.tensor([len(group) for group in views]).cumsum(0).tolist()
+    return list(zip([0, *stops[:-1]], stops))
 
 
 def _mean_over_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,11 @@ PHOTOMETRIC = (
 )
 
 
+def load_rgb(image) -> Image.Image:
+    """A PIL image in RGB (views are made from the decoded image the processor saw)."""
+    return image if getattr(image, "mode", None) == "RGB" else image.convert("RGB")
+
+
 def make_views(image: Image.Image, count: int, seed: int, transforms: str, flip: bool) -> list[Image.Image]:
     """``count`` views of an RGB ``image``: the image itself, then ``count - 1`` random transforms (reproducible from
     ``seed``)."""
