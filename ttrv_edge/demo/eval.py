@@ -78,11 +78,11 @@ def _tent(loop: AdaptationLoop, items: list[PreparedItem]) -> list[ItemResult]:
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(items), generator=order_rng).tolist()
         for b in range(0, len(order), cfg.batch_size):
-            groups = [
-                loop.sample(items[i], item_seed(cfg.seed, 3, epoch, b, i))[0] for i in order[b : b + cfg.batch_size]
-            ]
-            loop.vlm.model.train()
-            total, tokens = 0.0, 0.0
+            groups = []
+            for i in order[b : b + cfg.batch_size]:
+                sampled = loop.sample(items[i], item_seed(cfg.seed, 3, epoch, b, i))[0]
+                groups.extend(sampled if isinstance(sampled, list) else [sampled])  # one Rollouts per view
+            total, tokens = 0.0, 0.0  # the base model stays in eval mode (no dropout), as in the TTRV update
             for rollouts in groups:
                 _, entropy = completion_logprobs(loop.vlm, rollouts, temperature=cfg.temperature, backend=cfg.backend)
                 total = total + (entropy * rollouts.completion_mask).sum()
@@ -93,7 +93,6 @@ def _tent(loop: AdaptationLoop, items: list[PreparedItem]) -> list[ItemResult]:
                 params = [p for p in loop.vlm.model.parameters() if p.requires_grad]
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             loop.optimizer.step()
-            loop.vlm.model.eval()
     for i, it in enumerate(items):
         results[i].after = loop.predict(it, item_seed(cfg.seed, 2, i))
     return results
@@ -121,10 +120,11 @@ def run_method(loop: AdaptationLoop, method: str, items: list[PreparedItem]) -> 
 
 
 def method_config(config: TTRVConfig, method: str) -> TTRVConfig:
-    """The config a method runs with: TTRL switches the reward to the 0/1 majority, the rest keep ``config``."""
+    """The config a method runs with: TTRL switches the reward to the 0/1 majority; TTRV keeps the config's reward
+    ('ttrv' or 'gated') unless it is TTRL's; the rest keep ``config``."""
     if method == "ttrl":
         return dataclasses.replace(config, reward="majority", alpha=0.0)
-    if method in ("ttrv", "ttrv-episodic"):
+    if method in ("ttrv", "ttrv-episodic") and config.reward == "majority":
         return dataclasses.replace(config, reward="ttrv")
     return config
 
