@@ -4,6 +4,9 @@
 (on CPU the Triton interpreter is far slower than torch, so "auto" never chooses it there). ``"triton"`` is an
 explicit request: it runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (used by the tests),
 and is a ValueError anywhere else rather than a silent fallback.
+
+triton is optional: CPU installs leave it out (``pip install 'ttrv-edge[gpu]'`` or a CUDA build of torch brings it),
+and nothing imports it before the first Triton call, so "auto" runs the torch reference without it.
 """
 
 from __future__ import annotations
@@ -57,7 +60,11 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
         # Short-circuit on is_cuda so that CPU runs never import triton.
         return "triton" if tensor.is_cuda and triton_available() else "torch"
     if not triton_available():
-        raise ValueError("backend='triton' requested but triton is not importable in this install")
+        raise ValueError(
+            "backend='triton' requested but triton is not importable in this install "
+            "(install a CUDA build of torch, which brings triton, or `pip install 'ttrv-edge[gpu]'`; "
+            "or use backend='auto' or 'torch')"
+        )
     if not triton_usable(tensor):
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     return "triton"

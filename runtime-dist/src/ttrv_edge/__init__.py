@@ -1,0 +1,1 @@
+../../../ttrv_edge/__init__.py

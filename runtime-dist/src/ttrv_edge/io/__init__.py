@@ -1,0 +1,1 @@
+../../../../ttrv_edge/io/__init__.py

@@ -1,0 +1,1 @@
+../../../../ttrv_edge/runtime/__init__.py
