@@ -7,26 +7,45 @@
     model.save_adapter("my-adapter")  # the LoRA weights, loadable with from_pretrained(..., adapter="my-adapter")
 
 Images may be paths, PIL images or numpy arrays. Episodic ``adapt`` resets the LoRA weights afterwards unless the
-config says ``keep=True``; ``reset()`` restores the LoRA weights the model was loaded with at any time. The work
-itself is done by ``rl.loop.AdaptationLoop`` (``loop``).
+config says ``keep=True``; ``reset()`` restores the LoRA weights the model was loaded with at any time. ``adapt`` and
+``adapt_dataset`` take TTRVConfig fields for one call (``model.adapt(image, ..., keep=True, steps=5)``), except the
+ones fixed when the model loads (``LOAD_TIME_OPTIONS``). ``adapt_dataset`` takes ``Item``s or dicts
+``{"image", "question", "choices"}`` (also ``"labels"``, ``"numeric"``), as the JSONL files of the CLI. A saved
+adapter folder records the base model as the caller named it ("demo", a hub id, a local folder's name) and carries
+a README.md model card. The work itself is done by ``rl.loop.AdaptationLoop`` (``loop``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .config import TTRVConfig
-from .io.answers import DEFAULT_QUESTION, Question
-from .io.checkpoints import check_adapter_dir, verify_adapter_loaded
+from .io.adapter_dirs import base_model_label, model_card
+from .io.answers import DEFAULT_QUESTION, Question, parse_options
+from .io.checkpoints import check_adapter_dir, save_adapter, verify_adapter_loaded
 from .io.images import Item, SkippedItem, display_name, load_image
 from .models.loading import LoadedVLM, load_vlm
 from .rl.loop import AdaptationLoop
 from .rl.records import ItemResult, Prediction, PreparedItem, item_seed
+
+LOAD_TIME_OPTIONS = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "train_norms",
+    "quantize",
+    "memory_budget",
+    "sample_micro_batch",
+    "train_micro_batch",
+)
+"""TTRVConfig fields fixed when the model loads (they shape the LoRA layers, the base weights or the memory planner):
+``from_pretrained`` takes them, a single ``adapt`` call does not."""
 
 
 def make_question(
@@ -41,6 +60,25 @@ def make_question(
         labels=tuple(labels) if labels is not None else None,
         numeric=numeric,
     )
+
+
+def as_item(entry) -> tuple[object, Question, str]:
+    """(image, question, label) of an ``Item`` or a dict {"image", "question", "choices", "labels", "numeric"}
+    (``choices`` and ``labels`` as lists or comma-separated strings; the image a path, PIL image or array)."""
+    if isinstance(entry, Item):
+        return entry.image, entry.question, entry.image
+    if not isinstance(entry, dict) or entry.get("image") is None:
+        raise ValueError(f'adapt_dataset: each item must be an Item or a dict with an "image", got {entry!r:.80}')
+    unknown = sorted(set(entry) - {"image", "question", "choices", "labels", "numeric"})
+    if unknown:
+        raise ValueError(f"adapt_dataset: unknown item keys {', '.join(unknown)}")
+    options = {
+        k: parse_options(v, k) if isinstance(v, str) else v for k, v in entry.items() if k in ("choices", "labels")
+    }
+    question = make_question(
+        entry.get("question"), options.get("choices"), options.get("labels"), entry.get("numeric", False)
+    )
+    return entry["image"], question, describe_image(entry["image"])
 
 
 def describe_image(image) -> str:
@@ -59,6 +97,8 @@ class TTRVModel:
         self.config = config or TTRVConfig()
         self._loop = AdaptationLoop(vlm, self.config)
         self._calls = 0  # each adapt()/answer() call samples from its own random stream: item_seed(seed, ..., call)
+        self._mode: str | None = None  # "episodic" or "transductive" once adapted; said in a saved adapter's card
+        self.base_model = base_model_label(vlm.name)  # what a saved adapter records as its base model
 
     @classmethod
     def from_pretrained(
@@ -93,6 +133,26 @@ class TTRVModel:
         self._calls += 1
         return self._calls - 1
 
+    @contextmanager
+    def _options(self, options: dict) -> Iterator[TTRVConfig]:
+        """The config with ``options`` (TTRVConfig fields) applied, for the duration of one call."""
+        fixed = sorted(set(options) & set(LOAD_TIME_OPTIONS))
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)}: fixed when the model loads; pass it to from_pretrained")
+        base = self._loop.config
+        config = dataclasses.replace(base, **options) if options else base
+        self._loop.config = config
+        self._set_optimizer(config)
+        try:
+            yield config
+        finally:
+            self._loop.config = base
+            self._set_optimizer(base)
+
+    def _set_optimizer(self, config: TTRVConfig) -> None:
+        for group in self._loop.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+
     def adapt(
         self,
         image,
@@ -102,43 +162,58 @@ class TTRVModel:
         numeric=False,
         progress=None,
         save_to: str | Path | None = None,
+        **options,
     ) -> ItemResult:
         """Episodic TTRV on one image; returns answers before and after, and the steps taken.
 
         Successive calls draw from successive random streams of the run's seed (a fresh model with the same seed
         and the same calls repeats them exactly). ``save_to``: save the adapted LoRA weights there before the reset.
+        ``options``: TTRVConfig fields for this call only (``keep=True``, ``steps=5`` ...).
         """
         item = self._prepare(image, make_question(question, choices, labels, numeric))
-        save_dir = Path(save_to) if save_to is not None else None
-        return self._loop.adapt_episode(item, index=self._next_call(), progress=progress, save_dir=save_dir)
+        with self._options(options) as config:
+            self._mode = "episodic"
+            if save_to is None:
+                return self._loop.adapt_episode(item, index=self._next_call(), progress=progress)
+            self._loop.config = dataclasses.replace(config, keep=True)  # reset below, after saving
+            result = self._loop.adapt_episode(item, index=self._next_call(), progress=progress)
+            self._save(Path(save_to), config)
+            if not config.keep:
+                self._loop.reset()
+            return result
 
     def adapt_dataset(
         self,
-        items: Iterable[Item],
+        items: Iterable[Item | dict],
         progress=None,
         *,
         skipped: list[SkippedItem] | None = None,
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
+        **options,
     ) -> list[ItemResult]:
         """Transductive TTRV over ``items`` (E epochs), then every item answered by the adapted model.
 
         A bad image raises ValueError naming it, unless a ``skipped`` list is given: then it is recorded there and
         the other items are processed. ``checkpoint_dir``/``resume``: checkpoint the run, or continue it from there.
         ``run_info`` afterwards tells what the guards did (collapse, non-finite steps) and whether it resumed.
+        Items are ``Item``s or dicts {"image", "question", "choices"}; ``options``: TTRVConfig fields for this call.
         """
         prepared = []
-        for item in items:
+        for entry in items:
+            image, question, label = as_item(entry)
             try:
-                prepared.append(self._prepare(item.image, item.question, item.image))
+                prepared.append(self._prepare(image, question, label))
             except ValueError as error:
                 if skipped is None:
                     raise
-                skipped.append(SkippedItem(item.image, str(error)))
+                skipped.append(SkippedItem(label, str(error)))
         if not prepared:
             raise ValueError("adapt_dataset: no usable items" + (f" ({skipped[0].reason})" if skipped else ""))
         checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        return self._loop.adapt_transductive(prepared, progress=progress, checkpoint_dir=checkpoint, resume=resume)
+        with self._options(options):
+            self._mode = "transductive"
+            return self._loop.adapt_transductive(prepared, progress=progress, checkpoint_dir=checkpoint, resume=resume)
 
     @property
     def run_info(self) -> dict | None:
@@ -155,8 +230,14 @@ class TTRVModel:
         self._loop.reset()
 
     def save_adapter(self, directory: str | Path) -> Path:
-        """Save the current LoRA weights (safetensors) and adapter config to ``directory``."""
-        return self._loop.save(Path(directory))
+        """Save the current LoRA weights (safetensors), adapter config and a README.md model card to ``directory``."""
+        return self._save(Path(directory), self.config)
+
+    def _save(self, directory: Path, config: TTRVConfig) -> Path:
+        peft_config = next(iter(getattr(self.vlm.model, "peft_config", {}).values()), None)
+        lora = peft_config.to_dict() if peft_config is not None else {}
+        card = model_card(self.base_model, config.to_dict(), lora, self._mode, directory)
+        return save_adapter(self.vlm.model, directory, card=card, base_model=self.base_model)
 
     def work_units(self, mode: str, num_items: int) -> int:
         """Units of ``progress`` a run will report ("episodic" or "transductive" over ``num_items``)."""

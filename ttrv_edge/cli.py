@@ -21,10 +21,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .cli_options import config_options
 from .config import TTRVConfig
 from .demo.commands import register as register_demo_commands
 from .export.commands import register as register_export_commands
-from .io.answers import DEFAULT_QUESTION, Question, parse_options, read_labels
+from .io.answers import DEFAULT_QUESTION, Question, describe_answer, option_text, parse_options, read_labels
 
 app = typer.Typer(
     name="ttrv-edge",
@@ -36,18 +37,28 @@ app = typer.Typer(
 )
 stderr = Console(stderr=True)
 EXIT_USAGE = 2
+PROG = "ttrv-edge"
 
 
-def _option(name: str) -> str:
-    return TTRVConfig.help_text(name)
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"{PROG} {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version)
+    ] = False,
+) -> None:
     """ttrv-edge: label-free test-time adaptation of VLMs."""
 
 
 @app.command()
+@config_options()
 def adapt(
     source: Annotated[
         Path,
@@ -64,7 +75,14 @@ def adapt(
             "(a smoke test, its answers are noise)."
         ),
     ] = "demo",
-    question: Annotated[str, typer.Option(help="The question asked about every image.")] = DEFAULT_QUESTION,
+    question: Annotated[
+        str | None,
+        typer.Option(
+            help="The question asked about every image (and JSONL lines without one); without it: "
+            f"{DEFAULT_QUESTION!r}, said on stderr.",
+            show_default=False,
+        ),
+    ] = None,
     choices: Annotated[
         str | None, typer.Option(help="Comma-separated answer options; answers are their letters (A, B, ...).")
     ] = None,
@@ -76,22 +94,18 @@ def adapt(
         ),
     ] = None,
     numeric: Annotated[bool, typer.Option(help="The answer is a number.")] = False,
-    rollouts: Annotated[int, typer.Option(help=_option("rollouts"))] = 8,
-    steps: Annotated[int, typer.Option(help=_option("steps"))] = 3,
-    epochs: Annotated[int, typer.Option(help=_option("epochs"))] = 2,
-    lr: Annotated[float, typer.Option(help=_option("lr"))] = 5e-4,
-    lora_rank: Annotated[int, typer.Option(help=_option("lora_rank"))] = 8,
-    temperature: Annotated[float, typer.Option(help=_option("temperature"))] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help=_option("max_new_tokens"))] = 16,
-    alpha: Annotated[float, typer.Option(help=_option("alpha"))] = 0.75,
-    reward: Annotated[str, typer.Option(help=_option("reward"))] = "ttrv",
-    beta: Annotated[float, typer.Option(help=_option("beta"))] = 0.0,
-    backend: Annotated[str, typer.Option(help=_option("backend"))] = "auto",
-    seed: Annotated[int, typer.Option(help=_option("seed"))] = 0,
     adapter: Annotated[Path | None, typer.Option(help="Start from this saved LoRA adapter folder.")] = None,
-    out: Annotated[Path, typer.Option(help="Folder where the adapted LoRA adapter is saved (safetensors).")] = Path(
-        "ttrv-out"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Folder where the adapted LoRA adapter is saved (safetensors, adapter_config.json, README.md model "
+            "card). An adapter saved there before is replaced (said on stderr); any other non-empty folder is "
+            "refused unless --overwrite."
+        ),
+    ] = Path("ttrv-out"),
+    overwrite: Annotated[
+        bool, typer.Option(help="Write the adapter into --out even when it holds files that are not an adapter.")
+    ] = False,
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow the model folder's own Python code to run. Only for models you trust.")
     ] = False,
@@ -102,43 +116,30 @@ def adapt(
     resume: Annotated[
         bool, typer.Option(help="Continue the run checkpointed in --checkpoint-dir (start fresh if there is none).")
     ] = False,
-    checkpoint_every: Annotated[int, typer.Option(help=_option("checkpoint_every"))] = 1,
-    collapse_guard: Annotated[bool, typer.Option(help=_option("collapse_guard"))] = True,
-    memory_budget: Annotated[str | None, typer.Option(help=_option("memory_budget"))] = None,
-    quantize: Annotated[str, typer.Option(help=_option("quantize"))] = "none",
     allow_outside_root: Annotated[
         bool,
         typer.Option(help="Let a JSONL file's (or folder's) image paths leave its folder: '..', absolute, symlinks."),
     ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    **options,
 ) -> None:
-    """Adapt a VLM to IMAGE (episodic) or to a folder / JSONL of images (transductive), then answer."""
+    """Adapt a VLM to IMAGE (episodic) or to a folder / JSONL of images (transductive), then answer.
+
+    Every TTRVConfig field is an option (the second panel), with its help text and default.
+    """
     started = time.perf_counter()
-    config = TTRVConfig(
-        rollouts=rollouts,
-        steps=steps,
-        epochs=epochs,
-        lr=lr,
-        lora_rank=lora_rank,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        alpha=alpha,
-        reward=reward,
-        beta=beta,
-        backend=backend,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        collapse_guard=collapse_guard,
-        memory_budget=memory_budget,
-        quantize=quantize,
-    )
+    config = TTRVConfig(**options)
     if resume and checkpoint_dir is None:
         raise ValueError("--resume needs --checkpoint-dir (the folder of the run to continue)")
     default_question = Question(
-        text=question, choices=parse_options(choices, "--choices"), labels=read_labels(labels), numeric=numeric
+        text=question or DEFAULT_QUESTION,
+        choices=parse_options(choices, "--choices"),
+        labels=read_labels(labels),
+        numeric=numeric,
     )
 
     from .api import TTRVModel
+    from .io.adapter_dirs import check_out_dir
     from .io.images import collect_items, load_image
 
     skipped: list = []
@@ -147,12 +148,13 @@ def adapt(
         load_image(items[0].image)  # a bad image fails before the model loads
     if mode == "episodic" and checkpoint_dir is not None:
         raise ValueError("--checkpoint-dir: only folder and JSONL runs (transductive mode) are checkpointed")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {out} exists and is not a folder")
+    replacing = check_out_dir(out, overwrite)  # before the model loads, too
     with stderr.status(f"loading {model}", spinner="dots"):
         ttrv = TTRVModel.from_pretrained(
             model, config, adapter=str(adapter) if adapter else None, trust_remote_code=trust_remote_code
         )
+    if question is None:  # after loading, so that a user error stays the only line on stderr
+        _say_default_question(items)
     with _progress() as bar:
         task = bar.add_task(f"TTRV {mode}", total=ttrv.work_units(mode, len(items)))
         advance = lambda n: bar.advance(task, n)  # noqa: E731
@@ -169,10 +171,12 @@ def adapt(
             ttrv.save_adapter(out)
     for bad in skipped:
         stderr.print(f"skipped: {bad.reason}", markup=False, highlight=False, soft_wrap=True)
+    if replacing:
+        _say(f"replaced the adapter saved before in {out}")
     report = {
         "model": model,
         "mode": mode,
-        "items": [r.to_dict() for r in results],
+        "items": [_with_answer_text(r.to_dict()) for r in results],
         "adapter_dir": str(out),
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -187,6 +191,26 @@ def adapt(
         sys.stdout.write(json.dumps(report) + "\n")
     else:
         _print_table(report)
+
+
+def _say(line: str) -> None:
+    stderr.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _say_default_question(items: list) -> None:
+    """One line on stderr when inputs are asked the default question because none was given."""
+    defaulted = sum(item.question.text == DEFAULT_QUESTION for item in items)
+    if defaulted:
+        which = "" if defaulted == len(items) else f' ({defaulted} of {len(items)} inputs have no "question")'
+        _say(f"no --question given: asking {DEFAULT_QUESTION!r}{which}")
+
+
+def _with_answer_text(item: dict) -> dict:
+    """An item's JSON with ``answer_text`` (the chosen option's text for a choice letter) beside each ``answer``."""
+    for phase in ("before", "after"):
+        if item.get(phase) is not None:
+            item[phase]["answer_text"] = option_text(item[phase]["answer"], item["choices"])
+    return item
 
 
 def _progress() -> Progress:
@@ -208,8 +232,8 @@ def _print_table(report: dict) -> None:
         rewards = [s["mean_reward"] for s in item["steps"] if s["mean_reward"] is not None]
         table.add_row(
             Path(item["image"]).name,
-            _describe(item["before"]),
-            _describe(item["after"]),
+            _describe(item["before"], item["choices"]),
+            _describe(item["after"], item["choices"]),
             str(sum(s["updated"] for s in item["steps"])),
             f"{sum(rewards) / len(rewards):.3f}" if rewards else "-",
         )
@@ -217,9 +241,9 @@ def _print_table(report: dict) -> None:
     stderr.print(f"adapter saved to {report['adapter_dir']}")
 
 
-def _describe(prediction: dict) -> str:
+def _describe(prediction: dict, choices: list[str] | None) -> str:
     top = next(iter(prediction["distribution"].items()), ("-", 0.0))
-    return f"{prediction['answer']}  (samples: {top[0]} {top[1]:.0%})"
+    return f"{describe_answer(prediction['answer'], choices)}  (samples: {top[0]} {top[1]:.0%})"
 
 
 register_demo_commands(app)  # demo-train, eval (ttrv_edge/demo/commands.py)
@@ -262,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _set_thread_policy(argv)
     _quiet_libraries()
+    if not argv:  # bare `ttrv-edge`: the help, not an empty usage error
+        argv = ["--help"]
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name=PROG, standalone_mode=False)
     except typer.Exit as done:
         return done.exit_code
     except typer.Abort:
@@ -271,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.TyperException as error:  # usage errors: unknown option, a value of the wrong type
         message = error.format_message() if hasattr(error, "format_message") else str(error)
+        if not message.strip() and getattr(error, "ctx", None) is not None:  # a group called without a command
+            print(error.ctx.get_help())
+            return 0
         stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except ValueError as error:

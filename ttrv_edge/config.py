@@ -17,6 +17,15 @@ ENTROPY_SIGNALS = ("answer", "self-certainty")
 AGGREGATIONS = ("token-mean", "sequence-mean")
 BASELINES = ("group", "batch")
 BACKENDS = ("auto", "triton", "torch")
+CHOICES = {
+    "reward": REWARDS,
+    "view_transforms": VIEW_TRANSFORMS,
+    "entropy_signal": ENTROPY_SIGNALS,
+    "baseline": BASELINES,
+    "aggregation": AGGREGATIONS,
+    "backend": BACKENDS,
+}
+"""Fields whose value is one of a fixed set: validated in ``__post_init__``, offered as choices by the CLI."""
 
 
 def _help(text: str, default, **kwargs):
@@ -128,14 +137,7 @@ class TTRVConfig:
             raise ValueError(f"--consensus must be in (0, 1], got {self.consensus!r}")
         if self.eps_low >= 1.0:
             raise ValueError(f"--eps-low must be < 1, got {self.eps_low!r}")
-        for name, allowed in (
-            ("reward", REWARDS),
-            ("view_transforms", VIEW_TRANSFORMS),
-            ("entropy_signal", ENTROPY_SIGNALS),
-            ("baseline", BASELINES),
-            ("aggregation", AGGREGATIONS),
-            ("backend", BACKENDS),
-        ):
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         self._check_views()

@@ -1,24 +1,46 @@
 """The demo's CLI commands, registered on the main typer app by ``ttrv_edge.cli``: ``demo-train`` and ``eval``.
 
-Kept here so the shared ``cli.py`` needs two lines; nothing heavy is imported until a command runs.
+Kept here so the shared ``cli.py`` needs two lines; nothing heavy is imported until a command runs. ``eval`` takes
+every TTRVConfig field as an option (``cli_options.py``), with the benchmark's tuned settings as its defaults where
+they differ (``BENCH_DEFAULTS``). ``demo-train`` writes ``./demo-model`` unless told otherwise, and the packaged demo
+model only with ``--overwrite-packaged``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ..cli_options import config_options
 from . import BENCH_EPOCHS, BENCH_LR
+from .shift import CORRUPTIONS
+
+BENCH_DEFAULTS = {"epochs": BENCH_EPOCHS, "lr": BENCH_LR, "batch_size": 4, "max_new_tokens": 8}
+"""``eval``'s defaults where the shift benchmark's settings differ from TTRVConfig's (bench/bench_shift.py's too)."""
+DEFAULT_TRAIN_OUT = Path("demo-model")
 
 
 def train_command(
     out: Annotated[
-        Path | None, typer.Option(help="Where to save the model (default: the packaged ttrv_edge/demo/model).")
+        Path | None,
+        typer.Option(
+            help=f"Where to save the model (default: ./{DEFAULT_TRAIN_OUT}); a model folder there is replaced. "
+            "Load it with --model PATH.",
+            show_default=False,
+        ),
     ] = None,
+    overwrite_packaged: Annotated[
+        bool,
+        typer.Option(
+            help="Save into the installed package's demo model (ttrv_edge/demo/model, what --model demo loads), "
+            "replacing the shipped one."
+        ),
+    ] = False,
     steps: Annotated[int, typer.Option(help="Most joint training steps (it stops earlier at --target-acc).")] = 3000,
     vision_steps: Annotated[
         int, typer.Option(help="Probe-only steps of the vision tower before the answer loss joins (0 = none).")
@@ -36,8 +58,9 @@ def train_command(
     """Train the demo VLM from scratch on clean synthetic scenes (CPU, minutes) and save it."""
     from .train import MODEL_DIR, train
 
+    target = _train_target(out, overwrite_packaged, MODEL_DIR)
     summary = train(
-        out or MODEL_DIR,
+        target,
         steps=steps,
         batch_size=batch_size,
         lr=lr,
@@ -51,44 +74,49 @@ def train_command(
         init=init,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    sys.stdout.write(json.dumps({k: v for k, v in summary.items() if k != "history"}) + "\n")
+    sys.stdout.write(json.dumps({"out": str(target), **{k: v for k, v in summary.items() if k != "history"}}) + "\n")
 
 
+def _train_target(out: Path | None, overwrite_packaged: bool, packaged: Path) -> Path:
+    """Where ``demo-train`` saves: never the installed package's model unless ``--overwrite-packaged``, and never over
+    a folder that is not a model (training replaces the folder whole)."""
+    if overwrite_packaged:
+        if out is not None and out.resolve() != packaged.resolve():
+            raise ValueError("--overwrite-packaged writes the packaged demo model; it cannot be combined with --out")
+        return packaged
+    target = out if out is not None else DEFAULT_TRAIN_OUT
+    if target.resolve() == packaged.resolve():
+        raise ValueError(
+            f"--out: {target} is the installed package's demo model; pass --overwrite-packaged to replace it"
+        )
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").is_file())):
+        raise ValueError(f"--out: {target} exists and is not a model folder (training replaces it whole)")
+    return target
+
+
+@config_options(defaults=BENCH_DEFAULTS)
 def eval_command(
-    corruption: Annotated[str, typer.Option(help="clean, or one of the shift corruptions (ttrv_edge.demo.shift).")] = (
-        "clean"
-    ),
+    corruption: Annotated[
+        typing.Literal[("clean", *CORRUPTIONS)],
+        typer.Option(help=f"clean, or a shift corruption: {', '.join(CORRUPTIONS)} (ttrv_edge/demo/shift.py)."),
+    ] = "clean",
     severity: Annotated[int, typer.Option(help="1 (mild) to 5 (severe); ignored for clean.")] = 3,
     method: Annotated[str, typer.Option(help="base, ttrl, ttrv, ttrv-episodic or tent.")] = "base",
     n: Annotated[int, typer.Option(help="Number of scenes.")] = 32,
     start: Annotated[int, typer.Option(help="Seed of the first scene.")] = 0,
     model: Annotated[str, typer.Option(help="Model folder, hub id, or 'demo'.")] = "demo",
-    rollouts: Annotated[int, typer.Option(help="N samples per input.")] = 8,
-    steps: Annotated[int, typer.Option(help="Episodic steps per scene.")] = 3,
-    epochs: Annotated[int, typer.Option(help="Transductive epochs.")] = BENCH_EPOCHS,
-    batch_size: Annotated[int, typer.Option(help="Transductive inputs per update.")] = 4,
-    lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = BENCH_LR,
-    alpha: Annotated[float, typer.Option(help="Entropy-reward weight.")] = 0.75,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    **options,
 ) -> None:
-    """Evaluate one shift condition of the demo benchmark: accuracy before and after the method."""
+    """Evaluate one shift condition of the demo benchmark: accuracy before and after the method.
+
+    Every TTRVConfig field is an option; epochs, lr, batch size and max new tokens default to the benchmark's.
+    """
     from ..api import TTRVModel
     from ..config import TTRVConfig
     from .eval import evaluate
 
-    config = TTRVConfig(
-        rollouts=rollouts,
-        steps=steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        alpha=alpha,
-        temperature=temperature,
-        seed=seed,
-        max_new_tokens=8,
-    )
+    config = TTRVConfig(**options)
     loop = TTRVModel.from_pretrained(model, config).loop
     result = evaluate(loop, corruption, 0 if corruption == "clean" else severity, method, n=n, start=start)
     if json_output:

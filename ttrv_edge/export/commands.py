@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ..cli_options import config_default
 from ..io.answers import DEFAULT_QUESTION, Question, parse_options, read_labels
 
 stderr = Console(stderr=True)
@@ -24,13 +25,16 @@ def export_command(
     out_dir: Annotated[Path, typer.Argument(help="Folder for the ONNX graphs, processor files and manifest.json.")],
     model: Annotated[
         str | None,
-        typer.Option(help="Base model folder, hub id or 'tiny'; default: the adapter's base if it is a local folder."),
+        typer.Option(
+            help="Base model folder, hub id, 'demo' or 'tiny'; default: the adapter's base when it is 'demo', 'tiny' "
+            "or a local folder (adapter_config.json's base_model_name_or_path)."
+        ),
     ] = None,
     int8: Annotated[bool, typer.Option(help="Also write dynamically quantized int8 graphs (*.int8.onnx).")] = False,
     quantize: Annotated[
         str,
         typer.Option(help="The base quantization the adapter was adapted on (adapt --quantize); dequantized to merge."),
-    ] = "none",
+    ] = config_default("quantize"),
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 18,
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow the model folder's own Python code to run. Only for models you trust.")
@@ -40,6 +44,7 @@ def export_command(
     """Merge a LoRA adapter into its base model and export ONNX graphs (vision encoder, decoder with KV cache)."""
     from .onnx import export_lines, export_onnx, export_summary
 
+    model = model if model is not None else _built_in_base(adapter_dir)
     with stderr.status("exporting", spinner="dots") as status:
         manifest = export_onnx(
             adapter_dir,
@@ -69,7 +74,9 @@ def answer_command(
     labels: Annotated[Path | None, typer.Option(help="A text file of class labels, one per line.")] = None,
     numeric: Annotated[bool, typer.Option(help="The answer is a number.")] = False,
     int8: Annotated[bool, typer.Option(help="Use the int8 graphs written by `export --int8`.")] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated for the answer.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens generated for the answer.")] = config_default(
+        "max_new_tokens"
+    ),
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0: its default).")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
@@ -86,6 +93,18 @@ def answer_command(
     shown = report["display"] or report["answer"] or "(no answer found)"
     line = f"{shown}  (text: {report['text']!r}, {report['seconds']:.2f} s)"
     Console().print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _built_in_base(adapter_dir: Path) -> str | None:
+    """The adapter's recorded base model when it is one built into ttrv-edge ("demo", "tiny" ...): adapters name it
+    so rather than by the path it was loaded from (``io/adapter_dirs.py``)."""
+    from ..io.adapter_dirs import BUILT_IN_MODELS
+
+    try:
+        recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None  # export_onnx names what is wrong with the folder
+    return recorded if recorded in BUILT_IN_MODELS else None
 
 
 def register(app: typer.Typer) -> None:

@@ -5,6 +5,7 @@ recognition and VQA tasks: multiple choice (canonical answer: the choice letter)
 the label as given), and numbers (canonical answer: the number in shortest decimal form). A question with none
 of these is answered in free text, normalised (lower case, no punctuation, single spaces); that makes rewards
 possible for short-answer VQA but is far noisier, which the paper avoids by using extractable answers.
+``option_text`` and ``describe_answer`` turn a choice letter back into its option for people ("C (blue)").
 
 Extraction is deliberately forgiving (case, punctuation, "The answer is (B)", the choice or label spelled out,
 trailing text) and returns None when a rollout cannot be read as an answer: such rollouts get no frequency reward
@@ -94,6 +95,22 @@ class Question:
         if answer is None or self.choices is None:
             return answer
         return f"{answer}. {self.choices[LETTERS.index(answer)]}"
+
+
+def option_text(answer: str | None, choices) -> str | None:
+    """The text behind an answer: the chosen option for a choice letter ("C" -> "blue"); labels, numbers and free text
+    are their own text; None (nothing readable) stays None."""
+    if answer is None or not choices or len(answer) != 1 or answer not in LETTERS[: len(choices)]:
+        return answer
+    return choices[LETTERS.index(answer)]
+
+
+def describe_answer(answer: str | None, choices) -> str:
+    """An answer for people: "C (blue)" for a choice letter, the answer itself otherwise, "no answer" for None."""
+    if answer is None:
+        return "no answer"
+    text = option_text(answer, choices)
+    return answer if text == answer else f"{answer} ({text})"
 
 
 def _check_options(flag: str, options: tuple[str, ...], limit: int | None) -> None:

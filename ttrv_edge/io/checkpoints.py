@@ -100,8 +100,10 @@ def load_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[s
 # ------------------------------------------------------------------------------------------------ LoRA adapters
 
 
-def save_adapter(model, directory: Path) -> Path:
-    """Save the LoRA adapter of the peft ``model`` (safetensors + config) to ``directory``, atomically."""
+def save_adapter(model, directory: Path, card: str | None = None, base_model: str | None = None) -> Path:
+    """Save the LoRA adapter of the peft ``model`` (safetensors + config) to ``directory``, atomically. ``card``
+    replaces peft's template README.md, ``base_model`` the path peft records in adapter_config.json (the base model
+    as the user named it, ``io/adapter_dirs.py``)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"--out: {display_name(directory)} exists and is not a folder")
@@ -109,6 +111,12 @@ def save_adapter(model, directory: Path) -> Path:
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
         model.save_pretrained(staging, safe_serialization=True)
+        if card is not None:
+            (staging / "README.md").write_text(card, encoding="utf-8")
+        if base_model is not None:
+            config = json.loads((staging / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+            config["base_model_name_or_path"] = base_model
+            (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         files = sorted(staging.iterdir(), key=lambda p: (p.name != ADAPTER_WEIGHTS, p.name != ADAPTER_CONFIG, p.name))
         for file in files:
             with open(file, "rb") as handle:

@@ -220,7 +220,8 @@ def _text_vocab_size(config, tokenizer) -> int:
 
 def resolve_model_path(name_or_path: str) -> str:
     """Map "demo" to the packaged demo model and the tiny aliases to their built directory; check local paths; pass
-    hub ids through."""
+    hub ids through, or without a network their cached snapshot folder (``models/hub.py``: no network and no cached
+    copy fails at once, saying how to get the model)."""
     if name_or_path == "demo":
         from ..demo import demo_model_dir
 
@@ -237,7 +238,9 @@ def resolve_model_path(name_or_path: str) -> str:
             raise ValueError(f"--model: {name_or_path} has no config.json; is it a transformers model directory?")
         return str(path)
     if HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "~")):
-        return name_or_path
+        from .hub import resolve_hub_id
+
+        return resolve_hub_id(name_or_path)
     raise ValueError(f"--model: {name_or_path} is neither an existing directory nor a hub id (owner/name)")
 
 
