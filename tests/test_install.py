@@ -134,6 +134,12 @@ def test_without_triton_auto_runs_torch_and_triton_is_a_clear_error(without_trit
                                                          0.2, 0.2, None, 0.0, "token-mean")[0])  # fmt: skip
 
 
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = readme.split("Run the tests:", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+
+
 # --- the device distribution ---------------------------------------------------------------------------------------
 
 
