@@ -23,7 +23,10 @@ from ttrv_edge.kernels import dispatch, reference
 from ttrv_edge import __version__, kernels
 from ttrv_edge.runtime import cli
 
-tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    tomllib = None
 
 ROOT = Path(__file__).resolve().parent.parent
 DIST = ROOT / "runtime-dist"
@@ -43,8 +46,14 @@ DIST_MODULES = {
 }
 
 
+def _toml(path: Path) -> dict:
+    if tomllib is None:
+        pytest.skip("tomllib is in the standard library from Python 3.11")
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
 def _project(path: Path) -> dict:
-    return tomllib.loads(path.read_text(encoding="utf-8"))["project"]
+    return _toml(path)["project"]
 
 
 def _name(requirement: str) -> str:
@@ -152,7 +161,7 @@ def test_device_distribution_metadata_has_no_heavy_dependency():
     main = _project(ROOT / "pyproject.toml")
     assert project["scripts"]["ttrv-edge-answer"] == main["scripts"]["ttrv-edge-answer"]
     assert main["version"] == __version__  # the runtime's version is read from ttrv_edge.__version__
-    setuptools = tomllib.loads((DIST / "pyproject.toml").read_text())["tool"]["setuptools"]
+    setuptools = _toml(DIST / "pyproject.toml")["tool"]["setuptools"]
     assert setuptools["dynamic"]["version"] == {"attr": "ttrv_edge.__version__"}
 
 
