@@ -6,7 +6,9 @@ Tolerances, all fp32 on CPU (the tiny models' logits are O(1)):
 - int8 graphs vs fp32 graphs, first step: 0.1 absolute on logits (measured ~0.03); int8 tokens are not required to
   agree on these random models, whose top logits are near ties.
 Exporting is slow (tens of seconds per model on 2 shared cores), so each architecture is exported once, by a
-module-scoped fixture, and shared by the tests.
+module-scoped fixture, and shared by the tests. The exported adapter trains everything ttrv-edge can train
+(``lora_targets="all"``: LoRA on the language model, the vision tower and the connector, plus ``train_norms``), all
+of it perturbed, so the parity checks cover the vision side too.
 """
 
 import hashlib
@@ -25,7 +27,7 @@ from ttrv_edge.export.graphs import probe_image
 from ttrv_edge.export.merge import base_model_for, merge_lora
 from ttrv_edge.export.onnx import export_onnx
 from ttrv_edge.io.answers import Question
-from ttrv_edge.models import load_vlm
+from ttrv_edge.models import load_vlm, vision_tower
 from ttrv_edge.rl.sampling import greedy_text
 from ttrv_edge.runtime.preprocess import (
     idefics3_image_prompt,
@@ -59,13 +61,16 @@ class Exported:
 
 
 def _adapted(model_dir: Path, root: Path):
-    """The tiny model with a LoRA that changes its outputs (lora_B starts at zero), saved under root/adapter."""
-    vlm = load_vlm(str(model_dir), device="cpu", dtype=torch.float32)
+    """The tiny model with LoRA everywhere and trained vision norms that change its outputs (lora_B starts at zero,
+    the norm copies at the base's values), saved under root/adapter."""
+    vlm = load_vlm(str(model_dir), device="cpu", dtype=torch.float32, lora_targets="all", train_norms=True)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in vlm.model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+            elif ".modules_to_save." in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
     vlm.model.save_pretrained(root / "adapter", safe_serialization=True)
     return vlm, root / "adapter"
 
@@ -150,14 +155,23 @@ def test_merged_weights_equal_adapter_on_outputs(fixture, request):
     exported = request.getfixturevalue(fixture)
     vlm = exported.vlm
     inputs = vlm.prompt_inputs(probe_image(), QUESTIONS[0].prompt())
+    features = []  # the vision tower's output: the adapter must change it too
+    hook = vision_tower(vlm.model).register_forward_hook(
+        lambda module, args, out: features.append(
+            out[0] if isinstance(out, tuple) else getattr(out, "last_hidden_state", out)
+        )
+    )
     with torch.no_grad():
         adapted = vlm.model(**inputs).logits
         with vlm.model.disable_adapter():
             base = vlm.model(**inputs).logits
+    hook.remove()
+    assert (features[0] - features[1]).abs().max() > 1e-2
+    with torch.no_grad():
         fresh = load_vlm(str(exported.model_dir), adapter=str(exported.adapter_dir), device="cpu", dtype=torch.float32)
         merged_model = merge_lora(fresh.model)
         merged = merged_model(**inputs).logits
-    assert not any("lora_" in name for name, _ in merged_model.named_parameters())
+    assert not any("lora_" in name or "modules_to_save" in name for name, _ in merged_model.named_parameters())
     assert (adapted - base).abs().max() > 1e-2  # the adapter matters, so equality below means something
     assert torch.allclose(merged, adapted, atol=1e-5, rtol=0)
 
@@ -235,6 +249,7 @@ def test_manifest_records_the_export(idefics3_export):
     assert manifest["source_model"] == str(idefics3_export.model_dir)
     weights = (idefics3_export.adapter_dir / "adapter_model.safetensors").read_bytes()
     assert manifest["adapter"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert manifest["adapter"]["lora_targets"] == "all" and manifest["adapter"]["train_norms"] is True
     decoder = manifest["graphs"]["decoder"]
     names = [i["name"] for i in decoder["inputs"]]
     layers = manifest["text"]["num_layers"]

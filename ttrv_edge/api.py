@@ -270,6 +270,8 @@ def _load_checked(model: str, config: TTRVConfig, adapter: str | None, trust_rem
                 device=device,
                 adapter=adapter,
                 quantize=config.quantize,
+                lora_targets=config.lora_targets,
+                train_norms=config.train_norms,
             )
         except ValueError as error:
             if trust_remote_code or "custom code" not in str(error):

@@ -17,6 +17,7 @@ ENTROPY_SIGNALS = ("answer", "self-certainty")
 AGGREGATIONS = ("token-mean", "sequence-mean")
 BASELINES = ("group", "batch")
 BACKENDS = ("auto", "triton", "torch")
+LORA_TARGETS = ("language", "vision", "all", "none")
 CHOICES = {
     "reward": REWARDS,
     "view_transforms": VIEW_TRANSFORMS,
@@ -24,6 +25,7 @@ CHOICES = {
     "baseline": BASELINES,
     "aggregation": AGGREGATIONS,
     "backend": BACKENDS,
+    "lora_targets": LORA_TARGETS,
 }
 """Fields whose value is one of a fixed set: validated in ``__post_init__``, offered as choices by the CLI."""
 
@@ -45,6 +47,17 @@ class TTRVConfig:
     max_grad_norm: float = _help("gradient clipping norm (0 disables)", 1.0)
     lora_rank: int = _help("LoRA rank r", 8)
     lora_alpha: int | None = _help("LoRA alpha (default 2 * rank)", None)
+    lora_targets: str = _help(
+        "which modules get LoRA: 'language' (q/k/v/o of the text model, the paper's), 'vision' (attention "
+        "projections of the vision tower and the connector/projector linear layers), 'all' (both), or 'none' "
+        "(only with --train-norms)",
+        "language",
+    )
+    train_norms: bool = _help(
+        "also train the affine weight and bias of the vision tower's LayerNorms (TENT-style); with --lora-targets "
+        "none they are the only trained weights",
+        False,
+    )
     temperature: float = _help("sampling temperature of the rollouts (paper: 1.0; 1.5 for Qwen models)", 1.0)
     max_new_tokens: int = _help("longest rollout, in tokens", 16)
     alpha: float = _help("weight of the entropy reward (paper's reference implementation: 0.75)", 0.75)
@@ -127,6 +140,10 @@ class TTRVConfig:
                 raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"--lora-alpha must be positive, got {self.lora_alpha!r}")
+        if not isinstance(self.train_norms, bool):
+            raise ValueError(f"--train-norms must be true or false, got {self.train_norms!r}")
+        if self.lora_targets == "none" and not self.train_norms:
+            raise ValueError("--lora-targets none trains nothing; it is allowed only with --train-norms")
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)!r}")

@@ -1,5 +1,9 @@
 """Merge a TTRV LoRA adapter into its base model: find the base, hash the adapter, dequantize, add the deltas.
 
+Whatever the adapter trains is merged: LoRA deltas on the language model, the vision tower and the connector
+(``--lora-targets``), and the trained copies of the vision norms (``--train-norms``: peft ``modules_to_save``), which
+replace the original norms.
+
 Deviation: a quantized base (optimum-quanto, torchao, bitsandbytes) is dequantized to fp32 before the merge, so the
 merged weights are the dequantized base the adapter was trained against plus the LoRA delta.
 """
@@ -95,8 +99,9 @@ def _is_quantized(weight) -> bool:
 
 
 def merge_lora(peft_model):
-    """The transformers model with every LoRA delta added into its base weights (scale alpha / r included), the
-    peft wrappers removed. A quantized base is dequantized first. The peft model is consumed."""
+    """The transformers model with every LoRA delta added into its base weights (scale alpha / r included) and the
+    trained norm copies in place of the originals, the peft wrappers removed. A quantized base is dequantized first.
+    The peft model is consumed."""
     dequantize_model(peft_model)
     with torch.no_grad():
         merged = peft_model.merge_and_unload(safe_merge=True)

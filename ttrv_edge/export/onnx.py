@@ -23,6 +23,9 @@ Deviations from a plain "export the model" and why:
   runs the same blocks with one attention over all patches under a block-diagonal mask built in the graph from a
   ``segment_ids`` input (one segment per image), and takes the vision rope positions as an input.
 - A quantized base is dequantized to fp32 before the merge (``merge.py``).
+- An adapter that trains the vision side (``--lora-targets vision/all``, ``--train-norms``) is merged into the vision
+  tower and connector like the language LoRA, so ``vision.onnx`` carries the adapted tower; the manifest records
+  what the adapter trains (``adapter.lora_targets``, ``adapter.train_norms``).
 - ``--int8``: onnxruntime dynamic quantization (int8 weights of MatMul/Gemm, activations quantized at run time) of
   every graph, written beside the fp32 graphs (``*.int8.onnx``); the runner picks them with ``int8=True``.
 """
@@ -41,6 +44,7 @@ import numpy as np
 import torch
 
 from ..models.loading import load_vlm, resolve_model_path
+from ..models.lora import adapted_targets
 from .graphs import (
     DecoderGraph,
     Idefics3VisionGraph,
@@ -166,6 +170,8 @@ def export_onnx(
         **_quantize_kwargs(quantize),
     )
     arch = architecture(vlm.model.get_base_model())
+    targets, norms = adapted_targets(vlm.model)
+    adapter["lora_targets"], adapter["train_norms"] = targets, norms
     eos_ids = vlm.eos_token_ids
     merged = merge_lora(vlm.model)
     out.mkdir(parents=True, exist_ok=True)

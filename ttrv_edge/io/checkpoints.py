@@ -8,12 +8,14 @@
   describe the same adapter.)
 - Tensors are stored as safetensors only; JSON holds everything else. Nothing here unpickles, and adapters saved
   as ``adapter_model.bin`` (a pickle) are refused rather than loaded.
-- ``check_adapter_dir`` validates an adapter folder before loading it (config, safetensors header, LoRA-only keys,
-  finite values); ``verify_adapter_loaded`` checks afterwards that every tensor of the file landed in the model,
+- ``check_adapter_dir`` validates an adapter folder before loading it (config, safetensors header, finite values,
+  keys that are LoRA factors or the vision-tower norms its config lists in ``modules_to_save``: ``--train-norms``);
+  ``verify_adapter_loaded`` checks afterwards that every tensor of the file landed in the model,
   because peft loads an adapter of another model silently, with fresh LoRA weights where the names do not match.
 - ``RunCheckpoint`` stores a transductive run: ``progress.json`` (format, options, inputs, next step, results so
-  far, collapse-guard state) and safetensors files with the LoRA weights and the optimizer state (AdamW moments and
-  step counters as tensors, hyper-parameters as JSON metadata) of the last step and of the guard's best snapshot.
+  far, collapse-guard state) and safetensors files with the adapted weights (``lora_state``: LoRA factors and, with
+  ``--train-norms``, the vision norms) and the optimizer state (AdamW moments and step counters as tensors,
+  hyper-parameters as JSON metadata) of the last step and of the guard's best snapshot.
   Tensor files carry the step in their name and are written before ``progress.json`` points at them, so an
   interruption at any moment leaves the previous consistent checkpoint. The sampling order and seeds are functions of
   ``seed`` and the step, so resuming replays them instead of storing RNG states.
@@ -34,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from ..models.lora import Snapshot, load_lora_state, lora_state
+from ..models.lora import VISION_MARKERS, Snapshot, is_adapted_param, load_lora_state, lora_state
 from .images import display_name
 
 if TYPE_CHECKING:
@@ -165,7 +167,8 @@ def check_adapter_dir(path) -> None:
     tensors, _ = load_tensors(weights, "--adapter")
     if not tensors:
         raise ValueError(f"--adapter: {display_name(weights)} holds no tensors")
-    foreign = sorted(k for k in tensors if "lora_" not in k)
+    norms = _saved_norms(config)
+    foreign = sorted(k for k in tensors if "lora_" not in k and not _is_norm_key(k, norms))
     if foreign:
         raise ValueError(f"--adapter: {display_name(weights)} holds non-LoRA tensors (e.g. {foreign[0]})")
     bad = sorted(k for k, t in tensors.items() if not t.is_floating_point() or not torch.isfinite(t).all())
@@ -173,24 +176,41 @@ def check_adapter_dir(path) -> None:
         raise ValueError(f"--adapter: {display_name(weights)} holds non-finite or non-float values (e.g. {bad[0]})")
 
 
+def _saved_norms(config: dict) -> list[str]:
+    """The norm modules an adapter config trains (``modules_to_save``); ValueError unless all are vision-side."""
+    names = config.get("modules_to_save") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"--adapter: modules_to_save must be a list of module names, got {names!r}")
+    outside = [n for n in names if not any(marker in n for marker in VISION_MARKERS)]
+    if outside:
+        raise ValueError(f"--adapter: the adapter trains {outside[0]}, outside the vision tower; only its norms may be")
+    return names
+
+
+def _is_norm_key(key: str, norms: list[str]) -> bool:
+    module, _, leaf = key.rpartition(".")
+    return leaf in ("weight", "bias") and any(module.endswith(name) for name in norms)
+
+
 def _file_key(param_name: str) -> str:
-    """peft's on-disk name of a LoRA parameter: the adapter name ("default") removed."""
-    return re.sub(r"\.default(?=\.|$)", "", param_name)
+    """peft's on-disk name of an adapted parameter: the adapter name ("default") removed, and for a trainable norm
+    the ``modules_to_save.default`` level (peft stores the trained copy under the module's own name)."""
+    return re.sub(r"\.default(?=\.|$)", "", param_name.replace(".modules_to_save.default.", "."))
 
 
 def verify_adapter_loaded(model, path) -> None:
     """Check that the adapter file in ``path`` is exactly what the model's LoRA parameters now hold."""
     weights = Path(path) / ADAPTER_WEIGHTS
     tensors, _ = load_tensors(weights, "--adapter")
-    params = {_file_key(n): p for n, p in model.named_parameters() if "lora_" in n}
+    params = {_file_key(n): p for n, p in model.named_parameters() if is_adapted_param(n)}
     unused = sorted(set(tensors) - set(params))
     missing = sorted(set(params) - set(tensors))
     if unused or missing:
         example = (unused or missing)[0]
         raise ValueError(
             f"--adapter: {display_name(path)} does not fit this model: {len(unused)} of its {len(tensors)} tensors "
-            f"match no LoRA layer and {len(missing)} LoRA layers have no tensor (e.g. {example}); was it saved for "
-            f"another model?"
+            f"match no LoRA layer or trained norm and {len(missing)} of those have no tensor (e.g. {example}); was "
+            f"it saved for another model?"
         )
     for key, tensor in tensors.items():
         if tensor.shape != params[key].shape or not torch.equal(tensor.to(params[key]), params[key].detach()):

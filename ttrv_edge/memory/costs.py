@@ -5,7 +5,10 @@
 - **train**: the loss forward with grad in micro-batches of ``m`` rows, gradients accumulated over them (the update
   equals the one-batch update); the prompt runs once per micro-batch and its cache is shared by the rows, so the
   activations are ``P + m x T`` tokens over all layers, plus the fused log-prob kernel's workspace (chunk rows x V)
-  and the LoRA gradients and AdamW state.
+  and the LoRA gradients and AdamW state. When the vision side trains (``--lora-targets vision/all``,
+  ``--train-norms``), autograd also keeps the vision tower's activations over all its layers, once per micro-batch
+  (the image is encoded once for the rows: ``shared_prefix_hidden``/``shared_vision``); otherwise the tower runs
+  without grad and only one layer's transient counts.
 
 ``ModelCosts`` holds the model's byte costs (weights bytes counted from the tensors, KV bytes per token, activation
 bytes per token, kernel workspace) and turns a ``WorkShape`` and a row count into the dynamic bytes of a phase.
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.lora import VISION_MARKERS
 from .meter import tensor_bytes
 
 __all__ = ["HEAD_CHUNK_ROWS", "ModelCosts", "WorkShape", "model_costs"]
@@ -64,6 +68,8 @@ class ModelCosts:
     patch: int = 0
     temporal_patch: int = 1
     attention_scores: bool = False  # eager attention keeps heads x L x L scores per layer
+    vision_layers: int = 0
+    vision_trained: bool = False  # a trainable parameter sits in the vision tower or connector
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -88,6 +94,22 @@ class ModelCosts:
         scores = 2 * self.vision_heads * vision_tokens * vision_tokens
         return (linear + scores) * self.dtype_bytes
 
+    def vision_train_bytes(self, vision_tokens: int) -> int:
+        """Memory of the vision tower's forward + backward with grad (LoRA or norms inside it), per micro-batch.
+
+        Per layer and token autograd keeps the two LayerNorm inputs and outputs (4 Hv), q, k, v, the attention
+        output and the residual (5 Hv), the MLP's hidden and activated hidden (2 Iv); eager attention adds scores and
+        probabilities. Plus one layer's transient (``vision_bytes``) and its gradient buffers in fp32.
+        """
+        if vision_tokens <= 0 or self.vision_hidden <= 0:
+            return 0
+        per_layer = 9 * self.vision_hidden + 2 * self.vision_intermediate
+        if self.attention_scores:
+            per_layer += 2 * self.vision_heads * vision_tokens
+        kept = max(self.vision_layers, 1) * vision_tokens * per_layer * self.dtype_bytes
+        backward = 2 * vision_tokens * (2 * self.vision_hidden + 2 * self.vision_intermediate) * 4
+        return kept + backward + self.vision_bytes(vision_tokens)
+
     def prefill_bytes(self, prompt: int) -> int:
         """Transient memory of the batch-1 no-grad prefill (one layer's activations alive at a time)."""
         per_token = (6 * self.hidden + 3 * self.intermediate) * self.dtype_bytes
@@ -104,7 +126,7 @@ class ModelCosts:
         return prefix + cache + transient
 
     def train_bytes(self, rows: int, shape: WorkShape) -> int:
-        """Dynamic bytes of the loss forward + backward on ``rows`` rollouts (grad through LoRA only).
+        """Dynamic bytes of the loss forward + backward on ``rows`` rollouts (grad through the adapted weights).
 
         The prompt runs once per micro-batch and its KV cache is expanded to the rows (``shared_prefix_hidden``):
         P + rows x T tokens of activations, plus the expanded prompt cache, which autograd keeps.
@@ -120,7 +142,8 @@ class ModelCosts:
         workspace = head_rows * self.vocab * 4 * 8
         backward = 2 * tokens * (2 * self.hidden + 2 * self.intermediate) * 4  # one layer's gradient buffers
         optimizer = 4 * self.trainable_bytes  # grads + AdamW's two moments (+ one update temporary)
-        vision = self.vision_bytes(shape.vision_tokens)
+        tokens_in = shape.vision_tokens
+        vision = self.vision_train_bytes(tokens_in) if self.vision_trained else self.vision_bytes(tokens_in)
         return activations + prompt_cache + hidden_out + workspace + backward + optimizer + vision
 
     def dynamic_bytes(self, phase: str, rows: int, shape: WorkShape) -> int:
@@ -146,6 +169,9 @@ def model_costs(model) -> ModelCosts:
     head_dim = int(_first(text, "head_dim", default=hidden // max(heads, 1)))
     seen: set[int] = set()
     weights = trainable = 0
+    vision_trained = any(
+        p.requires_grad and any(marker in name for marker in VISION_MARKERS) for name, p in model.named_parameters()
+    )
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) in seen:
             continue
@@ -179,4 +205,6 @@ def model_costs(model) -> ModelCosts:
         patch=int(_first(vision, "patch_size", default=0)) if vision is not None else 0,
         temporal_patch=int(_first(vision, "temporal_patch_size", default=1)) if vision is not None else 1,
         attention_scores=attention == "eager",
+        vision_layers=int(_first(vision, "depth", "num_hidden_layers", default=0)) if vision is not None else 0,
+        vision_trained=vision_trained,
     )

@@ -1,11 +1,12 @@
 """Memory budget planner: micro-batch sizes for sampling and for the loss, corrected by measured peaks.
 
-``MemoryPlanner`` estimates both phases from the model's config (``costs.py``) and picks the largest micro-batch
-whose estimate fits the budget. Every phase runs under ``measure`` (``meter.py``); the ratio of the measured to the
-estimated dynamic bytes becomes that phase's correction factor for the next plan, so a wrong estimate corrects
-itself after one step. After an out-of-memory error ``backoff`` halves the phase's micro-batch (``backoff.py`` redoes
-the phase). The CPU baseline (everything alive before the first phase) is measured when the planner is created, and
-on CPU the budget is compared with the process's RSS.
+``MemoryPlanner`` estimates both phases from the model's config (``costs.py``; the train phase keeps the vision
+tower's activations when a parameter there trains) and picks the largest micro-batch whose estimate fits the
+budget. Every phase runs under ``measure`` (``meter.py``); the ratio of the measured to the estimated dynamic bytes
+becomes that phase's correction factor for the next plan, so a wrong estimate corrects itself after one step. After
+an out-of-memory error ``backoff`` halves the phase's micro-batch (``backoff.py`` redoes the phase). The CPU baseline
+(everything alive before the first phase) is measured when the planner is created, and on CPU the budget is compared
+with the process's RSS.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class MemoryPlanner:
             "memory_measure": self.meter.kind,
             "budget_bytes": self.budget,
             "weights_bytes": self.costs.weights_bytes,
+            "trains_vision": self.costs.vision_trained,
             "resident_bytes": self.resident,
             "sample_micro_batch": self.chosen["sample"],
             "train_micro_batch": self.chosen["train"],

@@ -1,9 +1,10 @@
-"""Load a vision-language model and its processor, with LoRA attached to the language model only.
+"""Load a vision-language model and its processor, with LoRA attached (by default to the language model only).
 
 What ``load_vlm`` guarantees to the rest of ttrv-edge: it returns a ``LoadedVLM`` whose ``model`` is a
-``peft.PeftModel`` with LoRA on the q/k/v/o projections of the text model only (``models/lora.py`` checks that no
-LoRA module sits inside a vision tower or connector), every other parameter frozen, ``model.eval()`` set; and
-``trust_remote_code`` reaches transformers only from the caller's argument.
+``peft.PeftModel`` with LoRA exactly on ``lora_targets`` (default: the q/k/v/o projections of the text model) and,
+with ``train_norms``, trainable copies of the vision tower's norms (``models/lora.py`` checks both), every other
+parameter frozen, ``model.eval()`` set; and ``trust_remote_code`` reaches transformers only from the caller's
+argument.
 
 Deviation: the generation config that comes with a checkpoint is replaced by one that holds only EOS, padding and
 the suppressed token ids (``policy_generation_config``): rollouts are sampled from exactly the distribution the
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from .forward import base_model, forward_params, lm_head
-from .lora import attach_lora, check_lora_placement
+from .lora import adapted_targets, attach_lora, check_lora_placement, is_adapted_param
 from .processors import load_processor
 
 __all__ = [
@@ -281,14 +282,18 @@ def load_vlm(
     device: str | None = None,
     adapter: str | None = None,
     quantize: str = "none",
+    lora_targets: str | None = None,
+    train_norms: bool | None = None,
 ) -> LoadedVLM:
     """Load an image-text-to-text model from a directory, a hub id, or "tiny"/"tiny-qwen2-vl", with LoRA attached.
 
-    LoRA (rank ``lora_rank``, alpha ``2 * lora_rank`` unless given) goes on the q/k/v/o projections of the language
-    model; ``adapter`` loads a saved peft adapter directory instead. Everything else is frozen. dtype defaults to
-    fp32 on CPU and bf16 on CUDA; the model is in eval mode. ``quantize`` ("int8"/"int4": optimum-quanto, "nf4":
-    bitsandbytes on CUDA) quantizes the language model's base weights before LoRA is attached; the vision tower and
-    lm_head stay unquantized (see ttrv_edge/models/quantize.py).
+    LoRA (rank ``lora_rank``, alpha ``2 * lora_rank`` unless given) goes on ``lora_targets`` ("language", the
+    default: the q/k/v/o projections of the language model; "vision"; "all"; or "none" with ``train_norms``, which
+    also trains the vision tower's norms; see ``models/lora.py``). ``adapter`` loads a saved peft adapter directory
+    instead; it must hold what ``lora_targets``/``train_norms`` ask for, when they are given (None: whatever it
+    holds). Everything else is frozen. dtype defaults to fp32 on CPU and bf16 on CUDA; the model is in eval mode.
+    ``quantize`` ("int8"/"int4": optimum-quanto, "nf4": bitsandbytes on CUDA) quantizes the language model's base
+    weights before LoRA is attached; the vision tower and lm_head stay unquantized (see ttrv_edge/models/quantize.py).
     """
     from .quantize import check_quantize, load_kwargs, quantize_text_model
 
@@ -314,11 +319,25 @@ def load_vlm(
         _suppress_ids(base.config, processor, tokenizer, eos)
     )
     base.generation_config = policy_generation_config(base.generation_config, eos, sorted(suppress), name_or_path)
-    model = attach_lora(base, lora_rank, lora_alpha, lora_dropout, adapter)
-    check_lora_placement(model)
+    targets = "language" if lora_targets is None else lora_targets
+    model = attach_lora(base, lora_rank, lora_alpha, lora_dropout, adapter, targets, bool(train_norms))
+    if adapter is not None:
+        _check_adapter_targets(model, adapter, lora_targets, train_norms)
+        check_lora_placement(model, None, None)
+    else:
+        check_lora_placement(model, targets, bool(train_norms))
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
+        p.requires_grad_(is_adapted_param(name))
     if quantize != "nf4":  # bitsandbytes placed the nf4 model while loading
         model.to(dev)
     model.eval()
     return LoadedVLM(model=model, processor=processor, tokenizer=tokenizer, name=name_or_path)
+
+
+def _check_adapter_targets(model, adapter: str, lora_targets: str | None, train_norms: bool | None) -> None:
+    """Refuse an adapter that adapts other modules than the run asks for (None: no request)."""
+    found, norms = adapted_targets(model)
+    if (lora_targets is None or lora_targets == found) and (train_norms is None or bool(train_norms) == norms):
+        return
+    flags = f"--lora-targets {found}" + (" --train-norms" if norms else "")
+    raise ValueError(f"--adapter: {adapter} was saved with {flags}; load it with the same options")

@@ -8,8 +8,10 @@ only once per micro-batch: ``shared_prefix_hidden`` runs the prompt (image inclu
 completions attend to its KV cache expanded to N rows; autograd sums their gradients through the shared prompt, so
 log-probs and gradients equal those of N rows of prompt + completion (a test checks both) at the cost of P + N x T
 tokens instead of N x (P + T), in compute and in activation memory. The N-row path remains (``share_prefix=False``);
-there ``shared_vision`` runs the frozen tower on one copy of the image and tiles its output for the N rows (forward
-hooks on the tower module, removed on exit) instead of encoding the image N times.
+there ``shared_vision`` runs the tower on one copy of the image and tiles its output for the N rows (forward hooks
+on the tower module, removed on exit) instead of encoding the image N times. Both stay exact when the vision side
+trains (``--lora-targets vision/all``, ``--train-norms``): the tiling and the cache expansion are differentiable, so
+the one encoding receives the sum of the N rows' gradients, which is the N-row gradient (tests check it).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def _tile(value, copies: int):
 @contextmanager
 def shared_vision(model, copies: int):
     """Inside this block the vision tower encodes one of ``copies`` identical stacked image inputs and tiles its
-    output ``copies`` times: exact for a frozen tower, and ``copies - 1`` image encodings cheaper."""
+    output ``copies`` times (``repeat``, differentiable): exact, gradients of a trained tower included (they sum
+    over the copies as they would over N encodings), and ``copies - 1`` image encodings cheaper."""
     tower = vision_tower(model) if copies > 1 else None
     if tower is None:
         yield
