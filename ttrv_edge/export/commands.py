@@ -67,7 +67,13 @@ def export_command(
 def answer_command(
     image: Annotated[Path, typer.Argument(help="The image file to answer about.")],
     onnx: Annotated[Path, typer.Option(help="A folder written by `ttrv-edge export` (runs on onnxruntime, no torch).")],
-    question: Annotated[str, typer.Option(help="The question asked about the image.")] = DEFAULT_QUESTION,
+    question: Annotated[
+        str | None,
+        typer.Option(
+            help=f"The question asked about the image; without it: {DEFAULT_QUESTION!r}, said on stderr.",
+            show_default=False,
+        ),
+    ] = None,
     choices: Annotated[
         str | None, typer.Option(help="Comma-separated answer options; answers are their letters (A, B, ...).")
     ] = None,
@@ -84,9 +90,14 @@ def answer_command(
     from ..runtime.runner import answer_report
 
     asked = Question(
-        text=question, choices=parse_options(choices, "--choices"), labels=read_labels(labels), numeric=numeric
+        text=question or DEFAULT_QUESTION,
+        choices=parse_options(choices, "--choices"),
+        labels=read_labels(labels),
+        numeric=numeric,
     )
     report = answer_report(onnx, image, asked, int8=int8, max_new_tokens=max_new_tokens, threads=threads)
+    if question is None:  # after answering, so that a user error stays the only line on stderr
+        stderr.print(f"no --question given: asked {DEFAULT_QUESTION!r}", markup=False, highlight=False)
     if json_output:
         sys.stdout.write(json.dumps(report) + "\n")
         return
