@@ -175,7 +175,8 @@ def test_cli_bad_adapter_exits_2_with_one_line(capsys, good_adapter, tmp_path, t
     _truncate(bad)
     image = tmp_path / "i.png"
     test_image.save(image)
-    code = main(["adapt", str(image), "--model", str(tiny_idefics3_dir), "--adapter", str(bad), "--out", str(tmp_path)])
+    out = tmp_path / "out"  # a folder holding other files is refused as --out before the adapter is checked
+    code = main(["adapt", str(image), "--model", str(tiny_idefics3_dir), "--adapter", str(bad), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: --adapter: ")
 
