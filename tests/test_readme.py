@@ -3,6 +3,7 @@ a folder holding ``photo.jpg``), every option the command-line section names exi
 lists are exactly ``adapt``'s, and the module paths it names exist."""
 
 import re
+import runpy
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -43,7 +44,9 @@ def test_readme_has_python_examples():
 def test_python_block_runs(index, tmp_path, monkeypatch):
     shutil.copy(ROOT / "examples" / "scene.png", tmp_path / "photo.jpg")  # PIL reads it by content, not by name
     monkeypatch.chdir(tmp_path)
-    exec(compile(PYTHON_BLOCKS[index], f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
+    script = tmp_path / f"readme_block_{index + 1}.py"
+    script.write_text(PYTHON_BLOCKS[index], encoding="utf-8")
+    runpy.run_path(str(script), run_name="__readme__")
 
 
 def test_command_line_section_names_only_real_options():
