@@ -25,7 +25,7 @@ AGGREGATIONS = ("token-mean", "sequence-mean")
 
 
 @triton.jit
-def _grpo_terms(logp, old_logp, ref_logp, adv, clip_low, clip_high, beta, HAS_KL: tl.constexpr):
+def grpo_terms(logp, old_logp, ref_logp, adv, clip_low, clip_high, beta, HAS_KL: tl.constexpr):
     """Per-token loss, its derivative w.r.t. logp, k3 KL and the clipped indicator (all fp32)."""
     ratio = tl.exp(logp - old_logp)
     adv = tl.zeros_like(ratio) + adv  # broadcast the sequence's advantage (scalar & block fails in the interpreter)
@@ -79,7 +79,7 @@ def _grpo_fwd_kernel(
         if HAS_KL:
             ref = tl.load(ref_ptr + row * stride_ref + cols, mask=inside, other=0.0).to(tl.float32)
         mask = tl.load(mask_ptr + row * stride_mask + cols, mask=inside, other=0).to(tl.float32)
-        per_token, _, kl, is_clipped = _grpo_terms(logp, old, ref, adv, clip_low, clip_high, beta, HAS_KL)
+        per_token, _, kl, is_clipped = grpo_terms(logp, old, ref, adv, clip_low, clip_high, beta, HAS_KL)
         # per_token * mask (not a where on mask) so that NaN/inf at masked positions propagate as in the reference.
         loss_sum += tl.sum(tl.where(inside, per_token * mask, 0.0), axis=0)
         mask_sum += tl.sum(mask, axis=0)
@@ -125,7 +125,7 @@ def _grpo_bwd_kernel(
     if HAS_KL:
         ref = tl.load(ref_ptr + row * stride_ref + cols, mask=inside, other=0.0).to(tl.float32)
     mask = tl.load(mask_ptr + row * stride_mask + cols, mask=inside, other=0).to(tl.float32)
-    _, dper_token, _, _ = _grpo_terms(logp, old, ref, adv, clip_low, clip_high, beta, HAS_KL)
+    _, dper_token, _, _ = grpo_terms(logp, old, ref, adv, clip_low, clip_high, beta, HAS_KL)
     dlogp = scale * mask * dper_token
     tl.store(dlogp_ptr + row * stride_dlogp + cols, dlogp.to(dlogp_ptr.dtype.element_ty), mask=inside)
 

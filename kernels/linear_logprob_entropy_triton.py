@@ -38,7 +38,7 @@ def default_chunk_rows(n_rows: int, hidden_size: int, vocab_size: int) -> int:
     return max(1, min(n_rows, max(CHUNK_ROWS_MIN, min(CHUNK_ROWS_MAX, rows))))
 
 
-def _chunk_logits(hidden_chunk, weight, bias):
+def chunk_logits(hidden_chunk, weight, bias):
     if bias is None:
         return hidden_chunk @ weight.t()
     return torch.addmm(bias, hidden_chunk, weight.t())
@@ -53,7 +53,7 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         stats = torch.empty(N, 2, dtype=torch.float32, device=hidden.device)
         for start in range(0, N, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = _chunk_logits(hidden[rows], weight, bias)
+            logits = chunk_logits(hidden[rows], weight, bias)
             forward_into(logits, targets[rows], temperature, logp[rows], entropy[rows], stats[rows], block_v)
             del logits
         ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
@@ -77,7 +77,7 @@ class _LinearLogprobEntropy(torch.autograd.Function):
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
             h = hidden[rows]
-            logits = _chunk_logits(h, weight, bias)
+            logits = chunk_logits(h, weight, bias)
             backward_into(
                 logits,
                 targets[rows],
@@ -144,7 +144,7 @@ def triton_linear_logprob_entropy(
     flat_targets = targets.reshape(-1).contiguous()
     V = weight.shape[0]
     check_inputs(flat, flat_targets, temperature)
-    flat, weight, bias = _matmul_dtype(flat, weight, bias)
+    flat, weight, bias = matmul_dtype(flat, weight, bias)
     if flat.shape[0] == 0:
         empty = flat.new_zeros(0, dtype=torch.float32)
         return empty.reshape(lead), empty.clone().reshape(lead)
@@ -158,7 +158,7 @@ def triton_linear_logprob_entropy(
     return logp.reshape(lead), entropy.reshape(lead)
 
 
-def _matmul_dtype(hidden, weight, bias):
+def matmul_dtype(hidden, weight, bias):
     """Inputs in one dtype: autocast's when it is enabled (as nn.Linear would), else they must already agree."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):

@@ -10,11 +10,18 @@ Backward: recomputes p from the logits and the saved (m, log s) (O(N) floats are
 and writes, per element, dz_j = g_logp * (1[j = target] - p_j) - g_ent * p_j * (log p_j + H), divided by T. The
 gradient may be written in place over the logits (``backward_into``), which the fused lm_head op uses.
 
+Both row passes are ``@triton.jit`` helpers (``row_softmax_stats``, ``row_softmax_grad``) that the fused GRPO op's
+kernel calls too; their constexpr ``HAS_ENTROPY`` compiles the entropy arithmetic out where nothing needs it. On
+CUDA the vocabulary block and warps are autotuned (``AUTOTUNE_BLOCKS``) unless ``block_v`` is given; under
+TRITON_INTERPRET=1 one fixed config runs.
+
 Deviations from the reference: none in semantics. Targets must lie in [0, V) (not checked on the GPU, which would
 cost a host sync); a row whose logits are all -inf gives NaN in both backends.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -27,6 +34,94 @@ INTERPRET_BLOCK_V = 16384
 
 CUDA_BLOCK_V = 4096
 CUDA_NUM_WARPS = 8
+
+AUTOTUNE_BLOCKS = ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
+"""(BLOCK_V, num_warps) tried on CUDA when no block is given. Triton's autotuner keys the choice on V and on the
+dtypes of the tensor arguments; blocks wider than the vocabulary are pruned. Under TRITON_INTERPRET=1 the fixed
+config above runs instead (tuning there would time the numpy interpreter, slowly)."""
+
+
+def autotune_configs() -> list:
+    return [triton.Config({"BLOCK_V": block}, num_warps=warps) for block, warps in AUTOTUNE_BLOCKS]
+
+
+def prune_blocks(configs, named_args, **kwargs):
+    """Drop blocks wider than the vocabulary needs (keeping at least the narrowest config)."""
+    vocab = named_args.get("V", kwargs.get("V"))
+    fits = [c for c in configs if c.kwargs["BLOCK_V"] <= max(1024, triton.next_power_of_2(int(vocab)))]
+    return fits or configs[:1]
+
+
+def autotuned(kernel, restore_value=None, key=("V",)):
+    """``kernel`` under the autotuner with the configs above (``restore_value``: arguments it writes in place;
+    ``key``: the arguments whose values select a config, besides the tensors' dtypes)."""
+    return triton.autotune(
+        configs=autotune_configs(),
+        key=list(key),
+        prune_configs_by={"early_config_prune": prune_blocks},
+        restore_value=restore_value,
+    )(kernel)
+
+
+def launch(kernel, tuned, like: torch.Tensor, block_v: int | None, grid, *args, **constexprs) -> None:
+    """Launch ``tuned`` (autotuned) on CUDA when no block is given, else ``kernel`` with the fixed config."""
+    if like.is_cuda and block_v is None and os.environ.get("TRITON_INTERPRET") != "1":
+        tuned[grid](*args, **constexprs)
+        return
+    block, warps = _launch_config(like, block_v)
+    kernel[grid](*args, **constexprs, BLOCK_V=block, num_warps=warps)
+
+
+@triton.jit
+def row_softmax_stats(row_ptr, V, inv_temp, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One streaming pass over a row of logits: (m, log s, entropy) of softmax(z), z = logits * inv_temp.
+
+    m is the row max and s = sum exp(z - m); the entropy is 0 (and its arithmetic compiled out) unless HAS_ENTROPY.
+    """
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    t = tl.zeros([], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # While every logit seen is -inf, measure from 0 so no -inf - -inf appears.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        if HAS_ENTROPY:
+            t = alpha * (t + tl.where(s > 0, m - m_ref, 0.0) * s)
+        s = alpha * s
+        d = z - m_ref
+        e = tl.exp(d)
+        if HAS_ENTROPY:
+            t += tl.sum(e * tl.where(e > 0, d, 0.0), axis=0)
+        s += tl.sum(e, axis=0)
+        m = m_new
+    log_s = tl.log(s)
+    entropy = tl.zeros([], tl.float32)
+    if HAS_ENTROPY:
+        entropy = log_s - t / s
+    return m, log_s, entropy
+
+
+@triton.jit
+def row_softmax_grad(
+    row_ptr, drow_ptr, target, m, log_s, entropy, g_logp, g_ent, V, inv_temp,
+    HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Write d(g_logp * logp[target] + g_ent * entropy)/d(logits) of one row to ``drow_ptr`` (may be ``row_ptr``:
+    each element is read before it is written); the entropy term only when HAS_ENTROPY."""
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temp
+        log_p = (z - m) - log_s
+        p = tl.exp(log_p)
+        dz = -g_logp * p
+        if HAS_ENTROPY:
+            dz -= g_ent * p * tl.where(p > 0, log_p + entropy, 0.0)
+        dz = tl.where(cols == target, dz + g_logp, dz)
+        tl.store(drow_ptr + cols, (dz * inv_temp).to(drow_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -43,29 +138,12 @@ def _logprob_entropy_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
-    t = tl.zeros([], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # While every logit seen is -inf, measure from 0 so no -inf - -inf appears.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        t = alpha * (t + tl.where(s > 0, m - m_ref, 0.0) * s)
-        s = alpha * s
-        d = z - m_ref
-        e = tl.exp(d)
-        t += tl.sum(e * tl.where(e > 0, d, 0.0), axis=0)
-        s += tl.sum(e, axis=0)
-        m = m_new
-    log_s = tl.log(s)
+    m, log_s, entropy = row_softmax_stats(row_ptr, V, inv_temp, True, BLOCK_V)
     target = tl.load(targets_ptr + row).to(tl.int64)
     z_target = tl.load(row_ptr + target).to(tl.float32) * inv_temp
     # (z - m) - log s rather than z - (m + log s): exact for the largest logits even at |z| ~ 1e4.
     tl.store(logp_ptr + row, (z_target - m) - log_s)
-    tl.store(entropy_ptr + row, log_s - t / s)
+    tl.store(entropy_ptr + row, entropy)
     tl.store(stats_ptr + 2 * row, m)
     tl.store(stats_ptr + 2 * row + 1, log_s)
 
@@ -86,23 +164,20 @@ def _logprob_entropy_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    drow_ptr = dlogits_ptr + row * stride_drow
     m = tl.load(stats_ptr + 2 * row)
     log_s = tl.load(stats_ptr + 2 * row + 1)
     entropy = tl.load(entropy_ptr + row)
     g_logp = tl.load(grad_logp_ptr + row)
     g_ent = tl.load(grad_entropy_ptr + row)
     target = tl.load(targets_ptr + row).to(tl.int64)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < V
-        z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temp
-        log_p = (z - m) - log_s
-        p = tl.exp(log_p)
-        dz = -g_logp * p - g_ent * p * tl.where(p > 0, log_p + entropy, 0.0)
-        dz = tl.where(cols == target, dz + g_logp, dz)
-        tl.store(drow_ptr + cols, (dz * inv_temp).to(dlogits_ptr.dtype.element_ty), mask=in_row)
+    row_softmax_grad(
+        logits_ptr + row * stride_row, dlogits_ptr + row * stride_drow, target, m, log_s, entropy, g_logp, g_ent,
+        V, inv_temp, True, BLOCK_V,
+    )  # fmt: skip
+
+
+_fwd_tuned = autotuned(_logprob_entropy_fwd_kernel)
+_bwd_tuned = autotuned(_logprob_entropy_bwd_kernel, restore_value=["dlogits_ptr"])  # dlogits may be the logits
 
 
 def _launch_config(logits: torch.Tensor, block_v: int | None):
@@ -140,10 +215,10 @@ def forward_into(logits, targets, temperature, logp, entropy, stats, block_v=Non
     N, V = logits.shape
     if N == 0:
         return
-    block, warps = _launch_config(logits, block_v)
-    _logprob_entropy_fwd_kernel[(N,)](
-        logits, logits.stride(0), targets, logp, entropy, stats, V, 1.0 / temperature, BLOCK_V=block, num_warps=warps
-    )
+    launch(
+        _logprob_entropy_fwd_kernel, _fwd_tuned, logits, block_v, (N,),
+        logits, logits.stride(0), targets, logp, entropy, stats, V, 1.0 / temperature,
+    )  # fmt: skip
 
 
 def backward_into(logits, targets, temperature, stats, entropy, grad_logp, grad_entropy, dlogits, block_v=None):
@@ -151,22 +226,11 @@ def backward_into(logits, targets, temperature, stats, entropy, grad_logp, grad_
     N, V = logits.shape
     if N == 0:
         return
-    block, warps = _launch_config(logits, block_v)
-    _logprob_entropy_bwd_kernel[(N,)](
-        logits,
-        logits.stride(0),
-        dlogits,
-        dlogits.stride(0),
-        targets,
-        stats,
-        entropy,
-        grad_logp,
-        grad_entropy,
-        V,
-        1.0 / temperature,
-        BLOCK_V=block,
-        num_warps=warps,
-    )
+    launch(
+        _logprob_entropy_bwd_kernel, _bwd_tuned, logits, block_v, (N,),
+        logits, logits.stride(0), dlogits, dlogits.stride(0), targets, stats, entropy, grad_logp, grad_entropy,
+        V, 1.0 / temperature,
+    )  # fmt: skip
 
 
 def grad_or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Pure-torch references of the four TTRV ops.
+"""Pure-torch references of the TTRV ops.
 
 These are the single source of truth for what each op computes: the tests compare every other backend against
 them (and against an fp32 gold computed by the same functions on fp32 inputs), and they are the CPU fallback of
@@ -99,9 +99,26 @@ def grpo_loss(
     its tokens, then averages the sequences that have at least one token. An all-masked batch gives loss 0.
     """
     mask = mask.to(torch.float32)
+    adv = advantages.float().unsqueeze(-1)
+    per_token, kl, is_clipped = grpo_per_token(logp, old_logp, adv, eps_low, eps_high, ref_logp, beta)
+    loss = _aggregate(per_token, mask, aggregation)
+    with torch.no_grad():
+        n_tokens = mask.sum().clamp_min(1.0)
+        stats = {
+            "clip_fraction": (is_clipped.float() * mask).sum() / n_tokens,
+            "mean_kl": (kl.detach() * mask).sum() / n_tokens,
+        }
+    return loss, stats
+
+
+def grpo_per_token(logp, old_logp, adv, eps_low=0.2, eps_high=0.2, ref_logp=None, beta=0.0):
+    """Per-token clipped surrogate ``-min(rho * A, clip(rho) * A)`` (+ ``beta * k3``), k3 KL and clipped flag.
+
+    ``adv`` broadcasts against ``logp`` (per sequence as [B, 1], or per token). The KL term (and a non-zero ``kl``)
+    only when ``beta != 0`` and ``ref_logp`` is given. ``is_clipped`` carries no gradient.
+    """
     logp = logp.float()
     old_logp = old_logp.float()
-    adv = advantages.float().unsqueeze(-1)
     ratio = torch.exp(logp - old_logp)
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
@@ -111,15 +128,91 @@ def grpo_loss(
         per_token = per_token + beta * kl
     else:
         kl = torch.zeros_like(per_token)
-    loss = _aggregate(per_token, mask, aggregation)
     with torch.no_grad():
         is_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
-        n_tokens = mask.sum().clamp_min(1.0)
+    return per_token, kl, is_clipped
+
+
+def linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    entropy_coef: float = 0.0,
+    normalizer: float | torch.Tensor | None = None,
+    chunk_rows: int = DEFAULT_ROW_CHUNK,
+    return_entropy: bool = False,
+):
+    """GRPO loss of N flat tokens straight from hidden states: ``linear_logprob_entropy`` then the per-token terms.
+
+    Per token i (all [N]): ``loss_i = -min(rho_i A_i, clip(rho_i) A_i) + beta k3_i - entropy_coef H_i`` with
+    ``rho_i = exp(logp_i - old_logp_i)`` (``old_logp`` None: the current policy, detached, so ratio 1). The loss is
+    ``sum(loss_i * mask_i) / normalizer``, normalizer ``sum(mask)`` (at least 1) by default: the token-mean. ``mask``
+    may hold weights: ``token_weights`` gives those of a sequence-mean. Tokens with ``mask == 0`` contribute exactly
+    0 to the loss, its gradient and the stats, even where their target's logit is -inf.
+
+    Returns ``(loss, stats)``: stats ``logp`` [N] (detached), ``entropy`` [N] (only when computed: ``entropy_coef``
+    != 0 or ``return_entropy``), and ``clip_fraction`` and ``mean_kl``, sums over the tokens weighted by ``mask``
+    divided by the loss's normalizer, so that micro-batches sharing one normalizer add up to the batch's values.
+    """
+    logp, entropy = linear_logprob_entropy(hidden, weight, targets, bias, temperature, chunk_rows)
+    weights = mask.to(torch.float32)
+    valid = weights != 0
+    zero = torch.zeros_like(logp)
+    # Masked tokens are replaced before the loss terms, not after: their logp may be -inf, and exp/where would
+    # turn that into NaN gradients (0 * inf) otherwise.
+    safe_logp = torch.where(valid, logp, zero)
+    safe_old = safe_logp.detach() if old_logp is None else torch.where(valid, old_logp.float(), zero)
+    safe_ref = None if ref_logp is None else torch.where(valid, ref_logp.float(), zero)
+    adv = advantages.float()
+    per_token, kl, is_clipped = grpo_per_token(safe_logp, safe_old, adv, eps_low, eps_high, safe_ref, beta)
+    if entropy_coef != 0.0:
+        per_token = per_token - entropy_coef * torch.where(valid, entropy, zero)
+    denominator = loss_normalizer(weights, normalizer)
+    loss = (per_token * weights).sum() / denominator
+    with torch.no_grad():
         stats = {
-            "clip_fraction": (is_clipped.float() * mask).sum() / n_tokens,
-            "mean_kl": (kl.detach() * mask).sum() / n_tokens,
+            "logp": logp.detach(),
+            "clip_fraction": (is_clipped.float() * weights).sum() / denominator,
+            "mean_kl": (kl * weights).sum() / denominator,
         }
+        if entropy_coef != 0.0 or return_entropy:
+            stats["entropy"] = entropy.detach()
     return loss, stats
+
+
+def loss_normalizer(weights: torch.Tensor, normalizer: float | torch.Tensor | None) -> torch.Tensor:
+    """The fp32 denominator of ``linear_grpo_loss`` on ``weights``' device: ``sum(weights)`` (at least 1) or the
+    given normalizer (a number must be > 0; a tensor is not checked, which would cost a device sync)."""
+    if normalizer is None:
+        return weights.sum().clamp_min(1.0)
+    if not torch.is_tensor(normalizer) and not normalizer > 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    return torch.as_tensor(normalizer, dtype=torch.float32, device=weights.device).reshape(())
+
+
+def token_weights(mask: torch.Tensor, aggregation: str = "token-mean"):
+    """Per-token weights [B, T] and normalizer that make ``linear_grpo_loss`` (which sees flat tokens) compute the
+    ``grpo_loss`` aggregation of a [B, T] batch: token-mean is (mask, sum(mask)); sequence-mean is
+    (mask / len_b, number of sequences with a token), i.e. each token weighs 1 / (len_b * num_seqs).
+
+    For micro-batches, the weights are per row (a row is never split), but the normalizer must be the whole batch's.
+    """
+    mask = mask.to(torch.float32)
+    if aggregation == "token-mean":
+        return mask, mask.sum()
+    if aggregation == "sequence-mean":
+        lengths = mask.sum(-1, keepdim=True)
+        return mask / lengths.clamp_min(1.0), (lengths > 0).float().sum()
+    raise ValueError(f"aggregation must be 'token-mean' or 'sequence-mean', got {aggregation!r}")
 
 
 def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:

@@ -19,8 +19,10 @@ KERNEL_MODULES = (
     "ttrv_edge.kernels.linear_logprob_entropy_triton",
     "ttrv_edge.kernels.grpo_loss_triton",
     "ttrv_edge.kernels.group_rewards_triton",
+    "ttrv_edge.kernels.linear_grpo_loss_triton",
 )
-"""In dependency order: linear_logprob_entropy imports host functions of logprob_entropy."""
+"""In dependency order: linear_logprob_entropy imports host functions of logprob_entropy, linear_grpo_loss imports
+jit functions of logprob_entropy and grpo_loss (so it is reloaded after them)."""
 
 TOLERANCES = {
     # (atol relative to max |gold|, rtol) of the Triton kernel against the fp32 gold, per input dtype.
