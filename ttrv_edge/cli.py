@@ -2,7 +2,9 @@
 
 Errors a user can fix (a bad option value, an unreadable image, a missing model) are printed as one line,
 ``error: ...``, on stderr with exit code 2 and no traceback. With ``--json`` stdout carries exactly one JSON
-document; progress and logs go to stderr.
+document; progress and logs go to stderr. ``adapt`` takes every TTRVConfig field as an option, generated from the
+dataclass (``cli_options.py``); the other commands are registered from ``demo/commands.py`` and
+``export/commands.py``.
 """
 
 from __future__ import annotations
@@ -153,8 +155,6 @@ def adapt(
         ttrv = TTRVModel.from_pretrained(
             model, config, adapter=str(adapter) if adapter else None, trust_remote_code=trust_remote_code
         )
-    if question is None:  # after loading, so that a user error stays the only line on stderr
-        _say_default_question(items)
     with _progress() as bar:
         task = bar.add_task(f"TTRV {mode}", total=ttrv.work_units(mode, len(items)))
         advance = lambda n: bar.advance(task, n)  # noqa: E731
@@ -171,6 +171,8 @@ def adapt(
             ttrv.save_adapter(out)
     for bad in skipped:
         stderr.print(f"skipped: {bad.reason}", markup=False, highlight=False, soft_wrap=True)
+    if question is None:  # said after the run, so that a user error stays the only line on stderr
+        _say_default_question(items)
     if replacing:
         _say(f"replaced the adapter saved before in {out}")
     report = {
@@ -202,7 +204,7 @@ def _say_default_question(items: list) -> None:
     defaulted = sum(item.question.text == DEFAULT_QUESTION for item in items)
     if defaulted:
         which = "" if defaulted == len(items) else f' ({defaulted} of {len(items)} inputs have no "question")'
-        _say(f"no --question given: asking {DEFAULT_QUESTION!r}{which}")
+        _say(f"no --question given: asked {DEFAULT_QUESTION!r}{which}")
 
 
 def _with_answer_text(item: dict) -> dict:
