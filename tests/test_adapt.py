@@ -157,11 +157,17 @@ def test_beta_adds_kl_to_the_adapter_disabled_model(tiny_idefics3_dir, test_imag
     item = api.loop.prepare("img", test_image, ParityQuestion("Describe it."))
     assert api.loop.step([item], 0, seed=1).updated  # the adapter now differs from the base model
     captured = []
-    real = kernels.grpo_loss
-    monkeypatch.setattr(kernels, "grpo_loss", lambda *a, **k: captured.append((a, k)) or real(*a, **k))
+    real = kernels.linear_grpo_loss
+
+    def spy(*args, **kwargs):  # the update's fused loss: the reference log-probs in, the policy's log-probs out
+        loss, stats = real(*args, **kwargs)
+        captured.append((kwargs["ref_logp"], stats["logp"]))
+        return loss, stats
+
+    monkeypatch.setattr(kernels, "linear_grpo_loss", spy)
     groups = [api.loop.sample(item, seed=2)]
     assert api.loop.update(groups).loss is not None
-    (logp, *_), options = captured[0]
+    ref_logp, logp = captured[0]  # per kept token (one micro-batch holds the whole group)
     state = {n: p.detach().clone() for n, p in api.vlm.model.named_parameters() if "lora_" in n}
     with torch.no_grad():
         for name, p in api.vlm.model.named_parameters():
@@ -172,8 +178,8 @@ def test_beta_adds_kl_to_the_adapter_disabled_model(tiny_idefics3_dir, test_imag
             if name in state:
                 p.copy_(state[name])
     keep = groups[0][0].completion_mask.bool()
-    torch.testing.assert_close(options["ref_logp"][keep], base_logp[keep], atol=1e-5, rtol=1e-5)
-    assert float((options["ref_logp"] - logp.detach())[keep].abs().max()) > 1e-4
+    torch.testing.assert_close(ref_logp, base_logp[keep], atol=1e-5, rtol=1e-5)
+    assert float((ref_logp - logp).abs().max()) > 1e-4
 
 
 def test_consensus_of():

@@ -159,14 +159,15 @@ def _randomise_lora_b(model):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
 
 
-SCORING_CALLERS = (scoring, rl_loss)  # the modules that call completion_logprobs: no-grad scoring, the loss
+# The modules that call completion_hidden (every forward to the completion tokens' hidden states): scoring, the loss.
+SCORING_CALLERS = (scoring, rl_loss)
 
 
 def _update(vlm, groups, start, **config):
     """One update from ``start``; returns (loss, LoRA state, loop, rows per loss forward)."""
     load_lora_state(vlm.model, start)
     loop = AdaptationLoop(vlm, TTRVConfig(rollouts=8, max_new_tokens=6, lr=1e-3, **config))
-    real, forwards = scoring.completion_logprobs, []
+    real, forwards = scoring.completion_hidden, []
 
     def counting(vlm_, part, **kwargs):
         if torch.is_grad_enabled():
@@ -174,12 +175,12 @@ def _update(vlm, groups, start, **config):
         return real(vlm_, part, **kwargs)
 
     for module in SCORING_CALLERS:
-        module.completion_logprobs = counting
+        module.completion_hidden = counting
     try:
         value = loop.update(groups).loss
     finally:
         for module in SCORING_CALLERS:
-            module.completion_logprobs = real
+            module.completion_hidden = real
     return value, lora_state(vlm.model), loop, forwards
 
 
@@ -203,6 +204,45 @@ def test_gradient_accumulation_equals_one_batch(vlm, test_image, options):
         assert loss == pytest.approx(full_loss, rel=1e-5, abs=1e-7)
         for name in start:
             torch.testing.assert_close(state[name], full_state[name], atol=1e-6, rtol=1e-5, msg=name)
+    load_lora_state(vlm.model, start)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"aggregation": "sequence-mean", "beta": 0.1, "eps_low": 0.1, "eps_high": 0.1}],
+    ids=["token-mean", "sequence-mean+kl"],
+)
+def test_fused_update_gives_the_unfused_lora_gradient(vlm, test_image, options, backend):
+    """grpo_backward's default (hidden states -> linear_grpo_loss per micro-batch, the batch's normalizer) and the
+    unfused path (completion_logprobs -> grpo_loss, weighted) give the same loss, log-probs and LoRA gradient."""
+    groups = [r for r, _ in _groups(vlm, test_image)]
+    start = lora_state(vlm.model)
+    _randomise_lora_b(vlm.model)
+    config = TTRVConfig(backend=backend, **options)
+    advantages = [torch.randn(r.num, generator=torch.Generator().manual_seed(i)) for i, r in enumerate(groups)]
+    with torch.no_grad():  # an old policy off the current one (clipping active) and a reference for the KL
+        logps = [scoring.completion_logprobs(vlm, r, temperature=1.0, backend="torch")[0] for r in groups]
+    old = [lp + 0.2 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(7)) for lp in logps]
+    ref = [lp - 0.1 for lp in logps] if config.beta else None
+    params = [p for p in vlm.model.parameters() if p.requires_grad]
+    results = []
+    for fused in (True, False):
+        for p in params:
+            p.grad = None
+        loss, new_logps = rl_loss.grpo_backward(vlm, groups, advantages, config, 3, old_logp=old, ref_logp=ref,
+                                                fused=fused)  # fmt: skip
+        results.append((loss, new_logps, [p.grad.clone() for p in params]))
+    (fused_loss, fused_logps, fused_grads), (loss, logps_, grads) = results
+    assert fused_loss == pytest.approx(loss, rel=1e-5, abs=1e-7)
+    for a, b in zip(fused_logps, logps_, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    scale = max(float(g.abs().max()) for g in grads)
+    assert scale > 0
+    for a, b in zip(fused_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5 * scale, rtol=0)
+    for p in params:
+        p.grad = None
     load_lora_state(vlm.model, start)
 
 
@@ -238,7 +278,7 @@ def test_update_backs_off_on_out_of_memory_and_keeps_the_step(vlm, test_image, m
     _randomise_lora_b(vlm.model)
     start = lora_state(vlm.model)
     clean_loss, clean_state, _, _ = _update(vlm, groups, start, train_micro_batch=2)
-    real = scoring.completion_logprobs
+    real = scoring.completion_hidden
     seen = []
 
     def flaky(vlm_, rollouts, **kwargs):
@@ -250,7 +290,7 @@ def test_update_backs_off_on_out_of_memory_and_keeps_the_step(vlm, test_image, m
         return real(vlm_, rollouts, **kwargs)
 
     for module in SCORING_CALLERS:
-        monkeypatch.setattr(module, "completion_logprobs", flaky)
+        monkeypatch.setattr(module, "completion_hidden", flaky)
     loss, state, loop, _ = _update(vlm, groups, start)
     assert seen[:3] == [8, 4, 4] and loop.memory.oom_retries == 2
     assert loop.memory.report()["train_micro_batch"] == 2

@@ -93,12 +93,13 @@ def test_every_view_is_trained_toward_the_pooled_vote(views_model, test_image, m
     groups, _ = loop.sample(item, seed=4)
     answers = ["A", "A", "B", "A", "A", "C"]  # view 2 alone would not agree with itself
     seen = []
-    real = loss.kernels.grpo_loss
-    monkeypatch.setattr(loss.kernels, "grpo_loss", lambda *a, **k: seen.append(a[2].clone()) or real(*a, **k))
+    real = loss.kernels.linear_grpo_loss  # per-token advantages: a rollout's advantage over its completion tokens
+    monkeypatch.setattr(loss.kernels, "linear_grpo_loss", lambda *a, **k: seen.append(a[4].clone()) or real(*a, **k))
     outcome = loop.update([(groups, answers)])
     expected = compute_rewards([answers]).advantages[0]
+    lengths = torch.cat([g.completion_mask.sum(-1) for g in groups]).long()
     assert outcome.loss is not None
-    torch.testing.assert_close(torch.cat(seen), expected)
+    torch.testing.assert_close(torch.cat(seen), expected.repeat_interleave(lengths))
 
 
 def test_episode_with_views_reports_the_view_vote(views_model, test_image):

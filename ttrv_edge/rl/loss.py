@@ -1,8 +1,12 @@
 """The clipped GRPO loss over groups of rollouts, back-propagated in micro-batches.
 
-``grpo_backward`` weights each micro-batch's loss (``loss_weight``) so that the accumulated gradient equals that of
-the one-batch token-mean (or sequence-mean) loss, and back-propagates it at once, so its activations are freed
-before the next micro-batch. ``logprob_gap`` compares the log-probs the sampler recorded with the ones the training
+``grpo_backward`` runs each micro-batch from the hidden states of its completion tokens straight to the loss with
+``kernels.linear_grpo_loss`` (fused: logits formed chunk by chunk, d(hidden) written in the same pass), divided by
+the whole batch's token count (``batch_normalizer``; a sequence-mean by per-token weights 1 / len, over the batch's
+number of sequences), so the micro-batch losses and gradients add up to the one-batch loss's. Each micro-batch is
+back-propagated at once, so its activations are freed before the next. ``fused=False`` keeps the unfused path:
+``completion_logprobs`` then ``kernels.grpo_loss``, weighted by ``loss_weight`` (the same gradient up to fp32
+rounding, a test checks it). ``logprob_gap`` compares the log-probs the sampler recorded with the ones the training
 forward computes (they should agree: one distribution for both, see ``sampling.py``).
 """
 
@@ -13,9 +17,10 @@ import torch
 from .. import kernels
 from ..memory.backoff import chunks
 from ..memory.costs import WorkShape
+from ..models.forward import lm_head
 from ..models.loading import LoadedVLM
 from .sampling import Rollouts, work_shape
-from .scoring import completion_logprobs
+from .scoring import completion_hidden, completion_logprobs
 
 
 def train_shape(vlm: LoadedVLM, groups: list[Rollouts]) -> WorkShape:
@@ -26,14 +31,19 @@ def train_shape(vlm: LoadedVLM, groups: list[Rollouts]) -> WorkShape:
     return WorkShape(prompt, width, first.vision_tokens)
 
 
+def batch_normalizer(groups: list[Rollouts], aggregation: str) -> float:
+    """Denominator of the one-batch loss: the completion tokens of all groups (token-mean), or their sequences
+    with at least one token (sequence-mean)."""
+    if aggregation == "token-mean":
+        return sum(float(r.completion_mask.sum()) for r in groups)
+    return sum(float((r.completion_mask.sum(-1) > 0).sum()) for r in groups)
+
+
 def loss_weight(part: Rollouts, groups: list[Rollouts], aggregation: str) -> float:
     """Weight of one micro-batch's aggregated loss so that the weighted sum over all micro-batches of all groups is
     the batch's token-mean (or sequence-mean over sequences with at least one token)."""
-    if aggregation == "token-mean":
-        total = sum(float(r.completion_mask.sum()) for r in groups)
-        return float(part.completion_mask.sum()) / total if total else 0.0
-    total = sum(float((r.completion_mask.sum(-1) > 0).sum()) for r in groups)
-    return float((part.completion_mask.sum(-1) > 0).sum()) / total if total else 0.0
+    total = batch_normalizer(groups, aggregation)
+    return batch_normalizer([part], aggregation) / total if total else 0.0
 
 
 def logprob_gap(groups: list[Rollouts], logps: list[torch.Tensor]) -> float | None:
@@ -56,39 +66,76 @@ def grpo_backward(
     *,
     old_logp: list[torch.Tensor] | None = None,
     ref_logp: list[torch.Tensor] | None = None,
+    fused: bool = True,
 ) -> tuple[float, list[torch.Tensor]]:
     """Backward of the clipped GRPO loss over ``groups``, ``micro_batch`` rollouts per forward, into ``.grad``.
 
-    Each micro-batch's loss is weighted by ``loss_weight`` and back-propagated at once, so its activations are freed
-    before the next one: the accumulated gradient is that of the one-batch loss. ``config`` supplies temperature,
-    eps_low/eps_high, beta, aggregation and backend. ``old_logp`` None means the current policy (ratio 1). The
-    caller zeroes the gradients first. Returns the loss value and the detached log-probs per group.
+    Each micro-batch's loss is a share of the one-batch loss (``fused``: ``linear_grpo_loss`` divided by the
+    batch's ``batch_normalizer``; otherwise ``grpo_loss`` weighted by ``loss_weight``) and is back-propagated at
+    once, so its activations are freed before the next one: the accumulated gradient is that of the one-batch loss.
+    ``config`` supplies temperature, eps_low/eps_high, beta, aggregation and backend. ``old_logp`` None means the
+    current policy (ratio 1). The caller zeroes the gradients first. Returns the loss value and the detached
+    log-probs [N, T] per group (0 at masked tokens).
     """
+    normalizer = batch_normalizer(groups, config.aggregation)
     total = 0.0
     logps = []
     for g, rollouts in enumerate(groups):
         group_logp = torch.zeros(rollouts.completion_ids.shape, dtype=torch.float32, device=vlm.device)
         for rows in chunks(rollouts.num, micro_batch):
             part = rollouts.select(rows)
-            weight = loss_weight(part, groups, config.aggregation)
-            if weight == 0.0:
+            if batch_normalizer([part], config.aggregation) == 0.0:
                 continue
-            logp, _ = completion_logprobs(vlm, part, temperature=config.temperature, backend=config.backend)
+            old = None if old_logp is None else old_logp[g][rows]
+            ref = None if ref_logp is None else ref_logp[g][rows]
+            if fused:
+                loss, logp = _fused_loss(vlm, part, advantages[g][rows], old, ref, config, normalizer)
+                loss.backward()
+                total += float(loss.detach())
+            else:
+                weight = loss_weight(part, groups, config.aggregation)
+                logp, _ = completion_logprobs(vlm, part, temperature=config.temperature, backend=config.backend)
+                loss, _ = kernels.grpo_loss(
+                    logp,
+                    logp.detach() if old is None else old,
+                    advantages[g][rows].to(logp.device),
+                    part.completion_mask,
+                    eps_low=config.eps_low,
+                    eps_high=config.eps_high,
+                    ref_logp=ref,
+                    beta=config.beta,
+                    aggregation=config.aggregation,
+                    backend=config.backend,
+                )
+                (loss * weight).backward()
+                total += float(loss.detach()) * weight
             group_logp[rows] = logp.detach()
-            old = logp.detach() if old_logp is None else old_logp[g][rows]
-            loss, _ = kernels.grpo_loss(
-                logp,
-                old,
-                advantages[g][rows].to(logp.device),
-                part.completion_mask,
-                eps_low=config.eps_low,
-                eps_high=config.eps_high,
-                ref_logp=None if ref_logp is None else ref_logp[g][rows],
-                beta=config.beta,
-                aggregation=config.aggregation,
-                backend=config.backend,
-            )
-            (loss * weight).backward()
-            total += float(loss.detach()) * weight
         logps.append(group_logp)
     return total, logps
+
+
+def _fused_loss(vlm: LoadedVLM, part: Rollouts, advantages, old, ref, config, normalizer: float):
+    """One micro-batch's share of the batch loss from its tokens' hidden states, and its log-probs [n, T]."""
+    hidden, keep = completion_hidden(vlm, part)
+    device = hidden.device
+    keep = keep.to(device)
+    weights, _ = kernels.reference.token_weights(part.completion_mask.to(device), config.aggregation)
+    tokens = lambda t: None if t is None else t.to(device)[keep]  # noqa: E731  [n, T] -> the kept tokens [M]
+    loss, stats = kernels.linear_grpo_loss(
+        hidden,
+        lm_head(vlm.model).weight,
+        tokens(part.completion_ids),
+        tokens(old),
+        tokens(advantages.to(device).unsqueeze(-1).expand(keep.shape)),
+        tokens(weights),
+        ref_logp=tokens(ref),
+        bias=vlm.logit_bias(),
+        temperature=config.temperature,
+        eps_low=config.eps_low,
+        eps_high=config.eps_high,
+        beta=config.beta,
+        normalizer=normalizer,
+        backend=config.backend,
+    )
+    logp = torch.zeros(keep.shape, dtype=torch.float32, device=device).masked_scatter(keep, stats["logp"])
+    return loss, logp

@@ -3,11 +3,13 @@
 ``completion_logprobs`` computes them from the language model's last hidden states through
 ``kernels.linear_logprob_entropy``, so the [N, T, V] logits of a plain forward never exist; it adds the same -inf
 bias at the suppressed ids that the sampler applied (``LoadedVLM.logit_bias``), so tokens are scored under the
-distribution they were drawn from. The prompt's hidden states depend on LoRA, so they are recomputed with grad, but
-only once per micro-batch: ``shared_prefix_hidden`` runs the prompt (image included) once, batch 1, and the N
-completions attend to its KV cache expanded to N rows; autograd sums their gradients through the shared prompt, so
-log-probs and gradients equal those of N rows of prompt + completion (a test checks both) at the cost of P + N x T
-tokens instead of N x (P + T), in compute and in activation memory. The N-row path remains (``share_prefix=False``);
+distribution they were drawn from. Those hidden states come from ``completion_hidden``, which the GRPO update
+also calls to feed them to ``kernels.linear_grpo_loss`` directly (``loss.py``). The prompt's hidden states depend
+on LoRA, so they are recomputed with grad, but only once per micro-batch: ``shared_prefix_hidden`` runs the prompt
+(image included) once, batch 1, and the N completions attend to its KV cache expanded to N rows; autograd sums
+their gradients through the shared prompt, so log-probs and gradients equal those of N rows of prompt + completion
+(a test checks both) at the cost of P + N x T tokens instead of N x (P + T), in compute and in activation memory.
+The N-row path remains (``share_prefix=False``);
 there ``shared_vision`` runs the tower on one copy of the image and tiles its output for the N rows (forward hooks
 on the tower module, removed on exit) instead of encoding the image N times. Both stay exact when the vision side
 trains (``--lora-targets vision/all``, ``--train-norms``): the tiling and the cache expansion are differentiable, so
@@ -122,29 +124,23 @@ def shared_prefix_hidden(vlm: LoadedVLM, prompt: dict, completions: torch.Tensor
     return torch.cat([last, rest], dim=1)
 
 
-def completion_logprobs(
-    vlm: LoadedVLM,
-    rollouts: Rollouts,
-    *,
-    temperature: float,
-    backend: str = "auto",
-    share_prefix: bool = True,
-    share_vision: bool = True,
+def completion_hidden(
+    vlm: LoadedVLM, rollouts: Rollouts, *, share_prefix: bool = True, share_vision: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob and entropy [N, T] (fp32, zero where masked) of each completion token under the current policy.
+    """The last hidden states [M, H] that predict the M unmasked completion tokens (row-major order), and the
+    [N, T] bool mask of those tokens: ``completion_ids[keep]`` are their targets.
 
-    Computes the hidden states that predict the completion tokens (trailing all-padding columns dropped), keeps
-    only the unmasked ones, and maps them to log-probs with the fused lm_head kernel. Differentiable w.r.t. the
-    LoRA weights when grad is enabled. ``share_prefix``: run the prompt once for the N rows
-    (``shared_prefix_hidden``); otherwise run N rows of prompt + completion, with ``share_vision`` encoding the image
-    once for them (``shared_vision``) instead of N times.
+    Trailing all-padding columns are dropped before the forward. Differentiable w.r.t. the LoRA weights when grad
+    is enabled. ``share_prefix``: run the prompt once for the N rows (``shared_prefix_hidden``); otherwise run N
+    rows of prompt + completion, with ``share_vision`` encoding the image once for them (``shared_vision``)
+    instead of N times.
     """
     ids, mask = rollouts.completion_ids, rollouts.completion_mask
     width = int(mask.sum(0).nonzero().max()) + 1 if bool(mask.any()) else 0
-    logp = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-    entropy = torch.zeros_like(logp)
+    full_keep = torch.zeros_like(mask, dtype=torch.bool)
     if width == 0:
-        return logp, entropy
+        weight = lm_head(vlm.model).weight
+        return weight.new_zeros(0, weight.shape[1]), full_keep
     kept_ids, kept_mask = ids[:, :width], mask[:, :width]
     prompt = rollouts.prompt_inputs
     if share_prefix:
@@ -158,14 +154,35 @@ def completion_logprobs(
         start = rollouts.prompt_length - 1
         predicting = hidden[:, start : start + width]
     keep = kept_mask.bool()
-    head = lm_head(vlm.model)
-    logp_kept, entropy_kept = kernels.linear_logprob_entropy(
-        predicting[keep], head.weight, kept_ids[keep], vlm.logit_bias(), temperature=temperature, backend=backend
-    )
-    full_keep = torch.zeros_like(mask, dtype=torch.bool)
     full_keep[:, :width] = keep
-    logp = logp.to(predicting.device).masked_scatter(full_keep, logp_kept)
-    entropy = entropy.to(predicting.device).masked_scatter(full_keep, entropy_kept)
+    return predicting[keep], full_keep
+
+
+def completion_logprobs(
+    vlm: LoadedVLM,
+    rollouts: Rollouts,
+    *,
+    temperature: float,
+    backend: str = "auto",
+    share_prefix: bool = True,
+    share_vision: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy [N, T] (fp32, zero where masked) of each completion token under the current policy.
+
+    The unmasked tokens' hidden states (``completion_hidden``, which the prefix/vision options go to) are mapped to
+    log-probs with the fused lm_head kernel. Differentiable w.r.t. the LoRA weights when grad is enabled.
+    """
+    ids = rollouts.completion_ids
+    logp = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    entropy = torch.zeros_like(logp)
+    hidden, keep = completion_hidden(vlm, rollouts, share_prefix=share_prefix, share_vision=share_vision)
+    if hidden.shape[0] == 0:
+        return logp, entropy
+    logp_kept, entropy_kept = kernels.linear_logprob_entropy(
+        hidden, lm_head(vlm.model).weight, ids[keep], vlm.logit_bias(), temperature=temperature, backend=backend
+    )
+    logp = logp.to(hidden.device).masked_scatter(keep, logp_kept)
+    entropy = entropy.to(hidden.device).masked_scatter(keep, entropy_kept)
     return logp, entropy
 
 
