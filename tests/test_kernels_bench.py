@@ -80,6 +80,24 @@ def test_triton_provider_runs_under_the_interpreter(tmp_path):
     assert providers == {(p, s) for p in ("triton", "torch") for s in ("fwd", "fwd+bwd")}
 
 
+def test_linear_grpo_loss_bench_runs_every_provider_it_can_at_tiny_shapes(tmp_path):
+    out = tmp_path / "lgl.csv"
+    argv = ["--device", "cpu", "--providers", "fused,composition,trl,liger", "--N", "8", "--V", "96", "--H", "8",
+            "--seq-len", "4", "--train-weight", "--repeats", "1", "--warmup", "0", "--out", str(out)]  # fmt: skip
+    with triton_interpreter():
+        rows = _main("bench_linear_grpo_loss")(argv)
+    header, written = _read(out)
+    assert header == COLUMNS and len(written) == len(rows)
+    # liger is skipped on CPU (not installed, or no CUDA); the fused op runs under the interpreter.
+    assert {(r["provider"], r["pass"]) for r in written} == {
+        (p, s) for p in ("fused", "composition", "trl") for s in ("fwd", "fwd+bwd")
+    }
+    for r in written:
+        assert (r["op"], r["N"], r["V"], r["H"], r["dtype"]) == ("linear_grpo_loss", "8", "96", "8", "bf16")
+        assert float(r["ms"]) > 0 and float(r["GB/s"]) > 0 and float(r["peak_MB"]) >= 0
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
 def test_unknown_provider_is_rejected():
     with pytest.raises(SystemExit, match="unknown provider"):
         _main("bench_group_rewards")(["--device", "cpu", "--providers", "numpy"])
