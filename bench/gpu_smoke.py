@@ -4,8 +4,9 @@
     python bench/gpu_smoke.py --device cpu --models tiny       # the CPU path, fp32 (Triton interpreter)
 
 Run it first on a GPU machine: it fails (exit 1) on the first disagreement, before any benchmark is worth taking.
-1. Ops: ``logprob_entropy``, ``linear_logprob_entropy`` (with a -inf suppression bias), ``grpo_loss`` and
-   ``group_rewards`` on the device, Triton against torch: outputs and input gradients within a tolerance per dtype.
+1. Ops: ``logprob_entropy``, ``linear_logprob_entropy`` (with a -inf suppression bias), ``linear_grpo_loss``
+   (the same bias, masked -inf targets), ``grpo_loss`` and ``group_rewards`` on the device, Triton against torch
+   on the same inputs: outputs and input gradients within a tolerance per dtype.
 2. Adaptation: for each model (``tiny`` and random-weight real architectures from bench/configs), one episodic step
    and one transductive step (2 inputs, one update) with ``--backend torch`` and ``--backend triton``; the two
    backends must end with the same LoRA weights (relative error below the dtype's tolerance, measured on the
@@ -65,8 +66,9 @@ def check_ops(device: str, dtype_name: str) -> list[dict]:
 
     def both(name, make_inputs, run, grad_of):
         results = {}
+        drawn = make_inputs()  # once: both backends must see the same inputs
         for backend in ("torch", "triton"):
-            inputs = make_inputs()
+            inputs = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in drawn)
             outputs = run(backend, *inputs)
             loss = sum(o.float().sum() for o in outputs if o.requires_grad)
             grads = [] if not torch.is_tensor(loss) else torch.autograd.grad(loss, [inputs[i] for i in grad_of])
@@ -95,6 +97,22 @@ def check_ops(device: str, dtype_name: str) -> list[dict]:
         lambda b, x: kernels.linear_logprob_entropy(x, weight, targets, bias, 1.3, backend=b),
         (0,),
     )
+    with torch.no_grad():  # per-token GRPO inputs around the current log-probs (clipping active for some)
+        logp, _ = kernels.linear_logprob_entropy(leaf(n, h), weight, targets, bias, 1.3, backend="torch")
+    token_old = logp + 0.3 * torch.randn(n, generator=gen).to(device)
+    token_adv = torch.randn(n, generator=gen).to(device)
+    token_mask = (torch.rand(n, generator=gen) > 0.2).float().to(device)
+    token_mask[targets == 8] = 0.0
+    targets_with_suppressed = torch.where(targets == 8, 7, targets)  # -inf target logits, masked out
+    both(
+        "linear_grpo_loss",
+        lambda: (leaf(n, h),),
+        lambda b, x: kernels.linear_grpo_loss(
+            x, weight, targets_with_suppressed, token_old, token_adv, token_mask, ref_logp=token_old - 0.1,
+            bias=bias, temperature=1.3, beta=0.1, entropy_coef=0.01, backend=b,
+        )[:1],
+        (0,),
+    )  # fmt: skip
     mask = (torch.rand(8, 16, generator=gen) > 0.2).float().to(device)
     old = (-torch.rand(8, 16, generator=gen)).to(device)
     adv = torch.randn(8, generator=gen).to(device)
