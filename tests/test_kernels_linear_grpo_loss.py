@@ -324,3 +324,36 @@ def test_user_errors_are_value_errors():
         _triton(x["hidden"], x["weight"][:, :5], *args[2:])
     with pytest.raises(ValueError, match="bias"):
         _triton(*args, bias=x["bias"][:7])
+
+
+def test_autotuned_on_cuda_one_fixed_config_under_the_interpreter(monkeypatch):
+    from types import SimpleNamespace
+
+    from ttrv_edge.kernels import linear_grpo_loss_triton as fused
+    from ttrv_edge.kernels import logprob_entropy_triton as rows
+
+    tuned = fused._rows_tuned  # the kernel writes dlogits over the logits: the tuner must restore them
+    assert tuned.restore_value == ["logits_ptr"] and list(tuned.keys) == ["V", "HAS_ENTROPY", "COMPUTE_GRAD"]
+    configs = rows.autotune_configs()
+    assert [c.kwargs["BLOCK_V"] for c in rows.prune_blocks(configs, {"V": 300})] == [1024]
+    assert rows.prune_blocks(configs, {"V": 151936}) == configs
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append((self.name, meta))
+
+    def pick(like, block_v):
+        launched.clear()
+        rows.launch(Recorder("fixed"), Recorder("tuned"), like, block_v, (1,), "arg", HAS_ENTROPY=True)
+        return launched[0]
+
+    cuda = SimpleNamespace(is_cuda=True, shape=(4, 300))
+    assert pick(torch.zeros(4, 300), None) == ("fixed", {"HAS_ENTROPY": True, "BLOCK_V": 512, "num_warps": 1})
+    assert pick(cuda, None)[0] == "fixed"  # TRITON_INTERPRET=1 (this module's fixture): never tune
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert pick(cuda, None) == ("tuned", {"HAS_ENTROPY": True})
+    assert pick(cuda, 128) == ("fixed", {"HAS_ENTROPY": True, "BLOCK_V": 128, "num_warps": 8})
