@@ -17,6 +17,10 @@ outlives its chunk. The loss is a scalar, so its gradient is known during the fo
 dbias), O(N) fp32 per-token values for the stats, and the backward only multiplies the kept gradients by
 grad_output. With a frozen ``weight`` (LoRA never trains lm_head) no weight-gradient buffer is allocated at all.
 When nothing requires grad (scoring under ``no_grad``), the gradient pass and the second GEMM are skipped.
+Default chunk: Liger's rule (the chunk's logits about as large as ``hidden``, 256 to 4096 rows). On CUDA the row
+kernel's BLOCK_V and warps are autotuned (keyed on V, the dtypes, HAS_ENTROPY and COMPUTE_GRAD; the tuner restores
+the logits it overwrites, one extra [chunk, V] copy on the first call of a key); under TRITON_INTERPRET=1 one fixed
+config runs.
 
 Semantics are ``reference.linear_grpo_loss`` exactly (its docstring), including: masked tokens contribute exactly
 0 (their logp may be -inf: a suppressed target under a -inf bias), ``old_logp`` None means on-policy (ratio 1,
