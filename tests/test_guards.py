@@ -13,7 +13,8 @@ from ttrv_edge.api import TTRVModel
 from ttrv_edge.config import TTRVConfig
 from ttrv_edge.io.answers import Question
 from ttrv_edge.models import lora_state
-from ttrv_edge.rl.guards import NONFINITE_GRADIENT, NONFINITE_LOSS, CollapseGuard, diversity
+from ttrv_edge.rl.diversity import Observation, diversity
+from ttrv_edge.rl.guards import NONFINITE_GRADIENT, NONFINITE_LOSS, CollapseGuard
 
 FAST = dict(rollouts=6, max_new_tokens=4, seed=1)  # 6 rollouts: any 6 calls of SignalQuestion give 4 x, 2 y
 
@@ -43,7 +44,7 @@ def _text_projection(model):
 
 @pytest.fixture
 def api(tiny_idefics3_dir):
-    return TTRVModel.from_pretrained(str(tiny_idefics3_dir), lr=5e-2, **FAST)
+    return TTRVModel.from_pretrained(str(tiny_idefics3_dir), lr=5e-2, max_updates=4, **FAST)
 
 
 @pytest.fixture
@@ -125,38 +126,49 @@ def test_transductive_run_info_lists_skipped_steps(api, test_image):
     results = api.loop.adapt_transductive(items)
     assert api.run_info["nonfinite_skips"] == [1]
     records = [s for r in results for s in r.steps]
-    assert [s.step for s in records if s.skipped] == [1] and sum(s.updated for s in records) == 2 * 2 - 1
+    assert [s.step for s in records if s.skipped] == [1] and sum(s.updated for s in records) == 4 - 1
 
 
 # ------------------------------------------------------------------------------------------------ diversity stats
 
 
+def _observations(answers, question="q", ended=True):
+    """One observation per input: its sampled answers, as texts too."""
+    return [Observation(question, list(a), [str(x) for x in a], [ended] * len(a)) for a in answers]
+
+
 def test_diversity_statistics_by_hand():
-    check = diversity([{"A": 1.0}, {"B": 1.0}, {"A": 0.5, "B": 0.5}, {"<none>": 1.0}], step=3)
-    assert check.inputs == 3  # the unreadable input is left out
+    answers = [["A", "A"], ["B", "B"], ["A", "B"], [None, None]]
+    check = diversity(_observations(answers), step=3)
+    assert check.inputs == 4 and check.readable == 3  # the unreadable input is left out of the answer statistics
     assert check.dominant_answer == "A" and check.dominant_share == pytest.approx(2 / 3)  # the tie goes to "A"
     assert check.majority_entropy == pytest.approx(-(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3))
     assert check.answer_entropy == pytest.approx(math.log(2) / 3)
     assert check.score == pytest.approx(math.log(2) - math.log(2) / 3)  # pooled {A: .5, B: .5}
-    assert diversity([{"A": 0.75, "<none>": 0.25}] * 5, 0).score == 0.0  # same distribution everywhere: no info
+    assert check.text_share == pytest.approx(2 / 4) and check.dominant_text == "A"  # texts count every input ("None")
+    same = diversity(_observations([["A", "A", "A", None]] * 5), 0)
+    assert same.score == 0.0  # the same distribution everywhere: no information
 
 
 def _guard(before, **options):
-    return CollapseGuard(TTRVConfig(**options), before, start=None)
+    guard = CollapseGuard(TTRVConfig(**options), start=None)
+    guard.check(0, _observations(before), None, None)
+    return guard
 
 
 def test_guard_fires_only_on_a_drop_from_a_diverse_start():
-    diverse = [{"A": 1.0}, {"B": 1.0}, {"C": 1.0}, {"D": 1.0}, {"A": 1.0}]
+    diverse = [["A"], ["B"], ["C"], ["D"], ["A"]]
     guard = _guard(diverse)
     four_of_five = [["Z", "Z", "A"]] * 4 + [["A", "A", "Z"]]
-    assert not guard.check(1, four_of_five, None, None).collapsed  # share 0.8 < 0.9
-    assert guard.check(2, [["Z", "Z", "A"]] * 5, None, None).collapsed
-    already_agreeing = _guard([{"A": 1.0}] * 5)
-    assert not already_agreeing.check(1, [["A"]] * 5, None, None).collapsed  # nothing to tell a collapse from
+    assert not guard.check(1, _observations(four_of_five), None, None).collapsed  # share 0.8 < 0.9
+    fired = guard.check(2, _observations([["Z", "Z", "A"]] * 5), None, None)
+    assert fired.collapsed and fired.signals == ["answer", "text"] and fired.questions == ["q"]
+    already_agreeing = _guard([["A"]] * 5)
+    assert not already_agreeing.check(1, _observations([["A"]] * 5), None, None).collapsed  # nothing to lose
     too_few = _guard(diverse[:3])
-    assert not too_few.check(1, [["Z"]] * 3, None, None).collapsed  # below collapse_min_inputs
+    assert not too_few.check(1, _observations([["Z"]] * 3), None, None).collapsed  # below collapse_min_inputs
     off = _guard(diverse, collapse_guard=False)
-    assert not off.check(1, [["Z"]] * 5, None, None).collapsed
+    assert not off.check(1, _observations([["Z"]] * 5), None, None).collapsed
 
 
 # ------------------------------------------------------------------------------------------------ collapse, end to end
@@ -216,14 +228,15 @@ def test_collapse_guard_fires_stops_and_rolls_back(tiny_idefics3_dir):
     assert len(set(after)) >= 4, after  # answered by the rolled-back adapter: diverse again
     checks = api.run_info["diversity"]
     assert checks[-1]["collapsed"] and not any(c["collapsed"] for c in checks[:-1])
-    assert checks[best // 2]["step"] == best and checks[best // 2]["score"] == max(c["score"] for c in checks)
+    assert "answer" in collapse["signals"] and collapse["at_collapse"]["step"] == collapse["step"]
+    assert checks[best // 2]["step"] == best and checks[best // 2]["score"] >= max(c["score"] for c in checks) - 0.1
 
 
 def test_without_the_guard_the_same_run_ends_collapsed(tiny_idefics3_dir):
     api, results, weights = _drift_run(tiny_idefics3_dir, lr=5e-2, collapse_guard=False)
     assert api.run_info["collapse"] is None and len(weights) - 1 == 2 * 6
     assert {r.after.majority for r in results} == {"A"}
-    assert len(api.run_info["diversity"]) == 1  # disabled: no checks, no extra sampling
+    assert api.run_info["diversity"] == []  # disabled: no checks, no extra sampling
 
 
 def test_collapse_guard_stays_quiet_on_a_normal_run(tiny_idefics3_dir):
@@ -236,8 +249,9 @@ def test_collapse_guard_stays_quiet_on_a_normal_run(tiny_idefics3_dir):
 def test_collapse_guard_stays_quiet_with_real_answers(tiny_idefics3_dir):
     """No stub: the tiny model's own sampled labels, two epochs at the default learning rate."""
     labels = ("red", "green", "blue", "yellow", "circle", "square", "cat", "dog")
-    api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), rollouts=4, max_new_tokens=5, seed=1)
+    api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), rollouts=4, max_new_tokens=5, seed=1, max_updates=10)
     images = [Image.new("RGB", (32, 32), (30 * k, 255 - 30 * k, 70 * k % 256)) for k in range(5)]
     items = [api.loop.prepare(f"i{k}", im, Question("What is it?", labels=labels)) for k, im in enumerate(images)]
     api.loop.adapt_transductive(items)
-    assert api.run_info["collapse"] is None and len(api.run_info["diversity"]) == 3  # start + once per epoch
+    assert api.run_info["collapse"] is None and api.run_info["update_budget"] == 10
+    assert [c["step"] for c in api.run_info["diversity"]] == [0, 3, 6, 9, 10]  # start, every ceil(10 / 4), the end

@@ -9,6 +9,7 @@ ratio is 1 at the update: clipping only matters when a caller runs several inner
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 REWARDS = ("ttrv", "majority", "gated")
@@ -17,6 +18,8 @@ ENTROPY_SIGNALS = ("answer", "self-certainty")
 AGGREGATIONS = ("token-mean", "sequence-mean")
 BASELINES = ("group", "batch")
 BACKENDS = ("auto", "triton", "torch")
+DEFAULT_MAX_UPDATES = 32
+"""Update steps of a transductive run when neither ``max_updates`` nor ``epochs`` is given."""
 LORA_TARGETS = ("language", "vision", "all", "none")
 CHOICES = {
     "reward": REWARDS,
@@ -40,7 +43,15 @@ class TTRVConfig:
 
     rollouts: int = _help("N: answers sampled per input and step", 8)
     steps: int = _help("K: episodic mode, at most this many update steps per input", 3)
-    epochs: int = _help("E: transductive mode, passes over the whole set", 2)
+    epochs: int | None = _help(
+        "E: transductive mode, full passes over the set, instead of --max-updates (None = use --max-updates)", None
+    )
+    max_updates: int | None = _help(
+        "transductive mode: update steps in all; the loop cycles through shuffled passes of the set until they are "
+        f"spent, so small and large sets get the same amount of adaptation (None = {DEFAULT_MAX_UPDATES} unless "
+        "--epochs is given; give one of the two)",
+        None,
+    )
     batch_size: int = _help("transductive mode: inputs per update step", 1)
     lr: float = _help("learning rate of the LoRA weights (AdamW)", 5e-4)
     weight_decay: float = _help("AdamW weight decay", 0.0)
@@ -112,8 +123,35 @@ class TTRVConfig:
         "its value before adaptation (0.5 = halved)",
         0.5,
     )
+    collapse_text_share: float = _help(
+        "collapse guard, 'text' signal: fraction of inputs whose most common output text is their question's most "
+        "common one that counts as collapse, when the entropy of those texts has also fallen to --collapse-drop of "
+        "its start value (0 = signal off)",
+        0.9,
+    )
+    collapse_eos_drop: float = _help(
+        "collapse guard, 'eos' signal: fire when the fraction of rollouts that end with EOS (instead of running to "
+        "--max-new-tokens) falls to this fraction of its start value (0 = signal off)",
+        0.5,
+    )
+    collapse_entropy_floor: float = _help(
+        "collapse guard, 'sharpening' signal: fire when the mean per-input answer entropy falls to this many nats "
+        "(or to --collapse-entropy-drop of its start value, whichever is higher) while the entropy of the inputs' "
+        "majority answers has fallen to --collapse-drop of its start value (0 and 0 = signal off)",
+        0.05,
+    )
+    collapse_entropy_drop: float = _help(
+        "collapse guard, 'sharpening' signal: the relative floor, a fraction of the start's mean answer entropy", 0.1
+    )
     collapse_min_inputs: int = _help("collapse guard: inputs with a readable answer needed to judge", 4)
-    collapse_check_every: int = _help("collapse guard: steps between diversity checks (0 = once per epoch)", 0)
+    collapse_check_every: int = _help(
+        "collapse guard: steps between checks (0 = four checks spread over the run's updates); a check samples the "
+        "checked inputs once with the current weights",
+        0,
+    )
+    collapse_check_inputs: int = _help(
+        "collapse guard: inputs sampled at each check, a fixed random subset of the set (0 = all inputs)", 32
+    )
     checkpoint_every: int = _help(
         "transductive mode with a checkpoint folder: steps between checkpoints (LoRA + optimizer state)", 1
     )
@@ -133,7 +171,7 @@ class TTRVConfig:
     )
 
     def __post_init__(self) -> None:
-        positive_ints = ("rollouts", "steps", "epochs", "batch_size", "lora_rank", "max_new_tokens", "inner_updates")
+        positive_ints = ("rollouts", "steps", "batch_size", "lora_rank", "max_new_tokens", "inner_updates")
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -195,6 +233,35 @@ class TTRVConfig:
             raise ValueError(f"--collapse-share must be in (0, 1], got {self.collapse_share!r}")
         if not 0.0 <= self.collapse_drop < 1.0:
             raise ValueError(f"--collapse-drop must be in [0, 1), got {self.collapse_drop!r}")
+        self._check_budget_and_signals()
+
+    def _check_budget_and_signals(self) -> None:
+        for name in ("epochs", "max_updates"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{_flag(name)} must be a positive integer or None, got {value!r}")
+        if self.epochs is not None and self.max_updates is not None:
+            raise ValueError(
+                f"--epochs ({self.epochs}) and --max-updates ({self.max_updates}) both set the amount of "
+                f"transductive adaptation; give one of them"
+            )
+        value = self.collapse_check_inputs
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"--collapse-check-inputs must be an integer >= 0, got {value!r}")
+        if not 0.0 <= self.collapse_text_share <= 1.0:
+            raise ValueError(f"--collapse-text-share must be in [0, 1], got {self.collapse_text_share!r}")
+        for name in ("collapse_eos_drop", "collapse_entropy_drop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0.0 <= self.collapse_entropy_floor < math.inf:
+            raise ValueError(f"--collapse-entropy-floor must be >= 0 and finite, got {self.collapse_entropy_floor!r}")
+
+    def transductive_updates(self, num_items: int) -> int:
+        """Update steps of a transductive run over ``num_items`` inputs: ``epochs`` passes of ceil(n / batch_size)
+        steps, else ``max_updates`` (default ``DEFAULT_MAX_UPDATES``)."""
+        if self.epochs is not None:
+            return self.epochs * -(-num_items // self.batch_size)
+        return self.max_updates if self.max_updates is not None else DEFAULT_MAX_UPDATES
 
     @property
     def effective_lora_alpha(self) -> int:

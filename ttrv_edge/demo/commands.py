@@ -21,7 +21,8 @@ from . import BENCH_EPOCHS, BENCH_LR
 from .shift import CORRUPTIONS
 
 BENCH_DEFAULTS = {"epochs": BENCH_EPOCHS, "lr": BENCH_LR, "batch_size": 4, "max_new_tokens": 8}
-"""``eval``'s defaults where the shift benchmark's settings differ from TTRVConfig's (bench/bench_shift.py's too)."""
+"""``eval``'s defaults where the shift benchmark's settings differ from TTRVConfig's (bench/bench_shift.py's too).
+``--max-updates`` replaces the default ``--epochs`` (an ``--epochs`` given with it is an error, as in ``adapt``)."""
 DEFAULT_TRAIN_OUT = Path("demo-model")
 
 
@@ -106,6 +107,7 @@ def eval_command(
     start: Annotated[int, typer.Option(help="Seed of the first scene.")] = 0,
     model: Annotated[str, typer.Option(help="Model folder, hub id, or 'demo'.")] = "demo",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    context: typer.Context = None,
     **options,
 ) -> None:
     """Evaluate one shift condition of the demo benchmark: accuracy before and after the method.
@@ -116,6 +118,8 @@ def eval_command(
     from ..config import TTRVConfig
     from .eval import evaluate
 
+    if options.get("max_updates") is not None and not _given(context, "epochs"):
+        options["epochs"] = None  # an update budget replaces the benchmark's default number of passes
     config = TTRVConfig(**options)
     loop = TTRVModel.from_pretrained(model, config).loop
     result = evaluate(loop, corruption, 0 if corruption == "clean" else severity, method, n=n, start=start)
@@ -129,6 +133,21 @@ def eval_command(
         f"{after['majority']:.3f}, sampled {before['sampled']:.3f} -> {after['sampled']:.3f}, "
         f"answer entropy {before['entropy']:.3f} -> {after['entropy']:.3f} ({result['seconds']:.1f} s)"
     )
+    run = result.get("run")
+    if run is not None and run["diversity"]:
+        collapse, budget = run["collapse"], run["update_budget"]
+        print(
+            f"collapse guard: stopped after {collapse['step']} of {budget} updates ({', '.join(collapse['signals'])}), "
+            f"rolled back to step {collapse['rolled_back_to_step']}"
+            if collapse
+            else f"collapse guard: quiet over {len(run['diversity'])} checks, {budget} updates"
+        )
+
+
+def _given(context: typer.Context | None, name: str) -> bool:
+    """Whether the option ``name`` of the running command was given (not left at its default)."""
+    source = context.get_parameter_source(name) if context is not None else None
+    return source is not None and source.name != "DEFAULT"
 
 
 def register(app: typer.Typer) -> None:

@@ -28,6 +28,7 @@ import torch
 from ..config import TTRVConfig
 from ..rl.loop import AdaptationLoop
 from ..rl.records import ItemResult, Prediction, PreparedItem, item_seed
+from ..rl.schedule import schedule
 from ..rl.scoring import completion_logprobs
 from .scenes import make_scene
 from .shift import corrupt
@@ -66,7 +67,8 @@ def summarise(predictions: list[Prediction], answers: list[str]) -> dict:
 
 
 def _tent(loop: AdaptationLoop, items: list[PreparedItem]) -> list[ItemResult]:
-    """Entropy minimisation on the LoRA weights over the set (E epochs, ``batch_size`` inputs per step)."""
+    """Entropy minimisation on the LoRA weights over the set (the TTRV runs' update budget and order,
+    ``rl/schedule.py``; ``batch_size`` inputs per step)."""
     cfg = loop.config
     results = [
         ItemResult(
@@ -74,25 +76,22 @@ def _tent(loop: AdaptationLoop, items: list[PreparedItem]) -> list[ItemResult]:
         )
         for i, it in enumerate(items)
     ]
-    order_rng = torch.Generator().manual_seed(cfg.seed)
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(items), generator=order_rng).tolist()
-        for b in range(0, len(order), cfg.batch_size):
-            groups = []
-            for i in order[b : b + cfg.batch_size]:
-                sampled = loop.sample(items[i], item_seed(cfg.seed, 3, epoch, b, i))[0]
-                groups.extend(sampled if isinstance(sampled, list) else [sampled])  # one Rollouts per view
-            total, tokens = 0.0, 0.0  # the base model stays in eval mode (no dropout), as in the TTRV update
-            for rollouts in groups:
-                _, entropy = completion_logprobs(loop.vlm, rollouts, temperature=cfg.temperature, backend=cfg.backend)
-                total = total + (entropy * rollouts.completion_mask).sum()
-                tokens += float(rollouts.completion_mask.sum())
-            loop.optimizer.zero_grad(set_to_none=True)
-            (total / max(tokens, 1.0)).backward()
-            if cfg.max_grad_norm > 0:
-                params = [p for p in loop.vlm.model.parameters() if p.requires_grad]
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            loop.optimizer.step()
+    for batch in schedule(cfg, len(items)):
+        groups = []
+        for i in batch.indices:
+            sampled = loop.sample(items[i], item_seed(cfg.seed, 3, batch.epoch, batch.start, i))[0]
+            groups.extend(sampled if isinstance(sampled, list) else [sampled])  # one Rollouts per view
+        total, tokens = 0.0, 0.0  # the base model stays in eval mode (no dropout), as in the TTRV update
+        for rollouts in groups:
+            _, entropy = completion_logprobs(loop.vlm, rollouts, temperature=cfg.temperature, backend=cfg.backend)
+            total = total + (entropy * rollouts.completion_mask).sum()
+            tokens += float(rollouts.completion_mask.sum())
+        loop.optimizer.zero_grad(set_to_none=True)
+        (total / max(tokens, 1.0)).backward()
+        if cfg.max_grad_norm > 0:
+            params = [p for p in loop.vlm.model.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        loop.optimizer.step()
     for i, it in enumerate(items):
         results[i].after = loop.predict(it, item_seed(cfg.seed, 2, i))
     return results
@@ -158,6 +157,7 @@ def evaluate(
         "before": before,
         "after": after,
         "updates": sum(s.updated for s in steps),
+        "run": loop.last_run if method in ("ttrl", "ttrv") else None,  # the collapse guard's checks and stop
         "seconds": round(seconds, 2),
         "seconds_per_item": round(seconds / max(len(items), 1), 3),
         "config": loop.config.to_dict() if method == "base" else method_config(base_config, method).to_dict(),

@@ -26,9 +26,12 @@ from ..memory.planner import MemoryPlanner
 from ..models.loading import LoadedVLM
 from ..models.lora import load_lora_state, lora_state, take_snapshot
 from ..models.quantize import check_loaded
+from .diversity import ended_flags, observe
 from .guards import CollapseGuard
 from .records import ItemResult, Prediction, PreparedItem, Progress, StepRecord, UpdateOutcome, consensus_of, item_seed
 from .sampling import Rollouts, greedy_text, sample_rollouts
+from .schedule import schedule
+from .schedule import work_units as transductive_work_units
 from .update import grpo_update
 from .views import flip_allowed, load_rgb, make_views
 
@@ -181,15 +184,18 @@ class AdaptationLoop:
         checkpoint_dir: Path | None = None,
         resume: bool = False,
     ) -> list[ItemResult]:
-        """Transductive TTRV: answer every input, E epochs of updates over the set, answer every input again.
+        """Transductive TTRV: answer every input, spend the update budget on shuffled passes over the set
+        (``rl/schedule.py``: ``max_updates``, or ``epochs`` passes), answer every input again.
 
-        The collapse guard (``collapse_guard``) checks the answers' diversity across inputs and may stop the run and
-        roll back to its best snapshot. With ``checkpoint_dir`` the run is checkpointed every ``checkpoint_every``
-        steps, and ``resume=True`` continues from the checkpoint there (a fresh start when there is none); the
-        resumed run ends with the same LoRA weights as an uninterrupted one. ``self.last_run`` reports the guard's
-        checks, any collapse, the skipped (non-finite) steps and where the run resumed.
+        The collapse guard (``collapse_guard``, ``rl/guards.py``) watches what the model says across inputs (answers,
+        texts, EOS) and may stop the run and roll back to its best snapshot. With ``checkpoint_dir`` the run is
+        checkpointed every ``checkpoint_every`` steps, and ``resume=True`` continues from the checkpoint there (a
+        fresh start when there is none); the resumed run ends with the same LoRA weights as an uninterrupted one.
+        ``self.last_run`` reports the update budget, the guard's checks, any collapse (the signals that fired and the
+        statistics), the skipped (non-finite) steps and where the run resumed.
         """
         cfg = self.config
+        total = cfg.transductive_updates(len(items))
         store = RunCheckpoint(checkpoint_dir, cfg, [item.label for item in items]) if checkpoint_dir else None
         if store is not None and not resume:
             store.require_fresh()
@@ -199,38 +205,35 @@ class AdaptationLoop:
         if resumed is None:
             results = [self._answer_before(item, i, progress) for i, item in enumerate(items)]
             start = take_snapshot(self.vlm.model, self.optimizer) if cfg.collapse_guard else None
-            guard = CollapseGuard(cfg, [r.before.distribution for r in results], start)
+            guard = CollapseGuard(cfg, start)
+            self._check_collapse(guard, items, 0, total)  # the reference statistics, before any update
             first, stopped = 0, False
         else:
             results = [ItemResult.from_dict(r) for r in resumed.results]
-            guard = CollapseGuard(cfg, [r.before.distribution for r in results], None)
+            guard = CollapseGuard(cfg, None)
             guard.load_state(resumed.guard, resumed.best)
             first, stopped = resumed.next_step, resumed.stopped
             if progress:
                 progress(len(items))
-        order_rng = torch.Generator().manual_seed(cfg.seed)
-        per_epoch = -(-len(items) // cfg.batch_size)
-        step = 0
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(len(items), generator=order_rng).tolist()
-            for b in range(0, len(order), cfg.batch_size):
-                batch = order[b : b + cfg.batch_size]
-                if step >= first and not stopped:
-                    record = self.step([items[i] for i in batch], step, item_seed(cfg.seed, 3, epoch, b))
-                    for i in batch:
-                        results[i].steps.append(record)
-                    stopped = self._check_collapse(guard, items, step + 1, per_epoch)
-                    if store is not None and (stopped or (step + 1) % cfg.checkpoint_every == 0):
-                        store.save(self.vlm.model, self.optimizer, step + 1, results, guard, stopped)
-                step += 1
-                if progress:
-                    progress(len(batch))
+        for batch in schedule(cfg, len(items)):
+            if batch.step >= first and not stopped:
+                seed = item_seed(cfg.seed, 3, batch.epoch, batch.start)
+                record = self.step([items[i] for i in batch.indices], batch.step, seed)
+                for i in batch.indices:
+                    results[i].steps.append(record)
+                stopped = self._check_collapse(guard, items, batch.step + 1, total)
+                if store is not None and (stopped or (batch.step + 1) % cfg.checkpoint_every == 0):
+                    store.save(self.vlm.model, self.optimizer, batch.step + 1, results, guard, stopped)
+            if progress:
+                progress(len(batch.indices))
         for i, item in enumerate(items):
             results[i].after = self.predict(item, item_seed(cfg.seed, 2, i))
             if progress:
                 progress(1)
         self.last_run = {
             **guard.report(),
+            "update_budget": total,
+            "updates_run": sum(s.updated for s in {s.step: s for r in results for s in r.steps}.values()),
             "nonfinite_skips": sorted({s.step for r in results for s in r.steps if s.skipped}),
             "resumed_from_step": first if resumed is not None else None,
             "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
@@ -243,13 +246,19 @@ class AdaptationLoop:
             progress(1)
         return ItemResult(item.label, item.question.text, _choices(item.question), before=before)
 
-    def _check_collapse(self, guard: CollapseGuard, items: list[PreparedItem], steps_done: int, per_epoch: int) -> bool:
-        """When due, sample every input with the current LoRA weights and let the guard judge; on collapse roll back to
-        its best snapshot and say to stop."""
-        if not self.config.collapse_guard or not guard.due(steps_done, per_epoch):
+    def _check_collapse(self, guard: CollapseGuard, items: list[PreparedItem], steps_done: int, total: int) -> bool:
+        """When due, sample the checked inputs with the current LoRA weights and let the guard judge what they say
+        (answers, texts, EOS); on collapse roll back to its best snapshot and say to stop."""
+        if not self.config.collapse_guard or not guard.due(steps_done, total):
             return False
-        answers = [self.sample(item, item_seed(self.config.seed, 5, steps_done, i))[1] for i, item in enumerate(items)]
-        if not guard.check(steps_done, answers, self.vlm.model, self.optimizer).collapsed:
+        observations = []
+        for i in guard.inputs(len(items)):
+            sampled, answers = self.sample(items[i], item_seed(self.config.seed, 5, steps_done, i))
+            groups = sampled if isinstance(sampled, list) else [sampled]  # one Rollouts per view
+            eos = self.vlm.eos_token_ids
+            ended = [e for r in groups for e in ended_flags(r.completion_ids, r.completion_mask, eos)]
+            observations.append(observe(items[i].question, [t for r in groups for t in r.texts], answers, ended))
+        if not guard.check(steps_done, observations, self.vlm.model, self.optimizer).collapsed:
             return False
         guard.roll_back(steps_done, self.vlm.model, self.optimizer)
         return True
@@ -262,7 +271,7 @@ class AdaptationLoop:
         """Units of ``progress`` a run will report, for sizing a progress bar."""
         if mode == "episodic":
             return num_items * (self.config.steps + 1)
-        return num_items * (2 + self.config.epochs)
+        return transductive_work_units(self.config, num_items)
 
 
 def _choices(question: Question) -> list[str] | None:
