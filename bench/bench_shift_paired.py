@@ -180,7 +180,12 @@ def cmd_report(args) -> None:
         raise SystemExit(
             "error: report needs matplotlib (pip install 'ttrv-edge[bench]'); nothing was written"
         ) from None
-    records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
+    records = [
+        json.loads(line)
+        for path in args.records.split(",")
+        for line in Path(path).read_text().splitlines()
+        if line.strip()
+    ]
     latest: dict = {}
     for r in records:  # the newest record of each (method, condition, scene) wins
         latest[(r["method"], r["condition"], r["scene"])] = r
