@@ -134,10 +134,11 @@ def _first_word_question():
 
     @dataclass(frozen=True)
     class FirstWord(Question):
-        """The answer is the first word: random-weight models give varied words, so every group has a signal."""
+        """The answer is one of three buckets of the first word: random-weight models give varied words, and 8
+        rollouts in 3 buckets always share some, so every group has a signal."""
 
         def extract(self, text: str) -> str | None:
-            return text.split()[0] if text.split() else None
+            return str(sum(map(ord, text.split()[0])) % 3) if text.split() else None
 
     return FirstWord
 
@@ -153,6 +154,7 @@ def check_adaptation(model_dir: str, label: str, device: str, dtype_name: str) -
     for backend in ("torch", "triton"):
         for mode in ("episodic", "transductive"):
             options = dict(backend=backend, rollouts=8, steps=1, epochs=1, batch_size=2, max_new_tokens=8, lr=1e-2)
+            options["collapse_guard"] = False  # a random model's outputs are degenerate: no roll-back to compare
             model = TTRVModel.from_pretrained(model_dir, device=device, keep=True, **options)  # bf16 on CUDA
             start = {n: p.detach().float().clone() for n, p in model.vlm.model.named_parameters() if p.requires_grad}
             started = time.perf_counter()
@@ -176,7 +178,8 @@ def check_adaptation(model_dir: str, label: str, device: str, dtype_name: str) -
             }
     for mode in ("episodic", "transductive"):
         deltas = states["torch", mode]
-        error = max(_rel(states["triton", mode][n], deltas[n]) for n in deltas if float(deltas[n].abs().max()) > 0)
+        changed = [n for n in deltas if float(deltas[n].abs().max()) > 0]
+        error = max((_rel(states["triton", mode][n], deltas[n]) for n in changed), default=float("inf"))  # no update
         rows.append({"check": f"{label} {mode} LoRA triton vs torch", "value": error, "limit": TOLERANCE[dtype_name]})
     return rows
 

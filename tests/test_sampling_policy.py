@@ -82,3 +82,18 @@ def test_step_records_report_a_small_logprob_gap(demanding_dir, test_image, monk
     monkeypatch.setattr(type(api.vlm), "logit_bias", lambda self: None)
     steps = api.loop.adapt_episode(item).to_dict()["steps"]
     assert max(s["logprob_gap"] for s in steps if s["updated"]) > 1e-2
+
+
+def test_logprob_gap_ignores_padding_scored_minus_infinity():
+    """Padding after EOS is a suppressed id, so the sampler scores it -inf: the gap must still be finite."""
+    import math
+
+    from ttrv_edge.rl.loss import logprob_gap
+    from ttrv_edge.rl.sampling import Rollouts
+
+    ids = torch.tensor([[4, 2, 0, 0], [5, 6, 7, 2]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    sampler = torch.tensor([[-1.0, -0.5, -math.inf, -math.inf], [-2.0, -1.0, -0.1, -0.3]])
+    trained = torch.tensor([[-1.0004, -0.5, 0.0, 0.0], [-2.0, -1.0, -0.1, -0.3]])
+    rollouts = Rollouts({}, ids, mask, ["a", "b"], sampler)
+    assert logprob_gap([rollouts], [trained]) == pytest.approx(4e-4, rel=1e-3)

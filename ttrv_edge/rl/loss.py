@@ -49,8 +49,8 @@ def loss_weight(part: Rollouts, groups: list[Rollouts], aggregation: str) -> flo
 def logprob_gap(groups: list[Rollouts], logps: list[torch.Tensor]) -> float | None:
     """The largest |log-prob under the sampler - log-prob under the training forward| over the groups' completion
     tokens (verl's rollout-vs-train probability gap); None when no group recorded its sampler log-probs."""
-    gaps = [
-        float(((logp - r.sampler_logp.to(logp.device)).abs() * r.completion_mask).max())
+    gaps = [  # padding after EOS is a suppressed id (-inf under the sampler): select the kept tokens, never multiply
+        float((logp - r.sampler_logp.to(logp.device)).abs()[r.completion_mask.bool()].max())
         for r, logp in zip(groups, logps)
         if r.sampler_logp is not None and bool(r.completion_mask.any())
     ]
