@@ -144,10 +144,11 @@ def test_diversity_statistics_by_hand():
     assert check.dominant_answer == "A" and check.dominant_share == pytest.approx(2 / 3)  # the tie goes to "A"
     assert check.majority_entropy == pytest.approx(-(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3))
     assert check.answer_entropy == pytest.approx(math.log(2) / 3)
-    assert check.score == pytest.approx(math.log(2) - math.log(2) / 3)  # pooled {A: .5, B: .5}
+    assert check.score == pytest.approx(math.log(2))  # pooled {A: .5, B: .5}
+    assert check.information == pytest.approx(math.log(2) - math.log(2) / 3)
     assert check.text_share == pytest.approx(2 / 4) and check.dominant_text == "A"  # texts count every input ("None")
-    same = diversity(_observations([["A", "A", "A", None]] * 5), 0)
-    assert same.score == 0.0  # the same distribution everywhere: no information
+    same = diversity(_observations([["A", "A", "B", None]] * 5), 0)
+    assert same.information == 0.0 and same.score > 0  # the same distribution everywhere: varied, but no information
 
 
 def _guard(before, **options):

@@ -231,9 +231,35 @@ def test_sharpening_needs_the_answers_to_narrow():
     guard = CollapseGuard(TTRVConfig(), start=None)
     guard.check(0, [_obs("q", [w, w, "x"]) for w in "abcdefgh"], *weights)
     assert guard.check(1, [_obs("q", [w] * 3) for w in "abcdefgh"], *weights).signals == []
-    assert guard.best_step == 1  # sure and still diverse: the best check so far
     narrowed = [_obs("q", ["a"] * 3)] * 6 + [_obs("q", ["b"] * 3)] * 2
     assert guard.check(2, narrowed, *weights).signals == ["sharpening"]
+
+
+class _Adapter(torch.nn.Module):
+    """One LoRA-named parameter: enough for the guard's snapshots."""
+
+    def __init__(self):
+        super().__init__()
+        self.lora_A = torch.nn.Parameter(torch.zeros(2))
+
+
+def test_rollback_target_is_the_most_diverse_check_beyond_the_margin():
+    model = _Adapter()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = CollapseGuard(TTRVConfig(), start=None)
+    guard.check(0, [_obs("q", [w]) for w in "aabbccdd"], model, optimizer)  # 4 answers: score log 4
+    with torch.no_grad():
+        model.lora_A.fill_(1.0)
+    guard.check(1, [_obs("q", [w]) for w in "abcdefgh"], model, optimizer)  # 8 answers: log 8, beats log 4 + margin
+    with torch.no_grad():
+        model.lora_A.fill_(2.0)
+    guard.check(2, [_obs("q", [w]) for w in "abcdefgg"], model, optimizer)  # 7 answers: not by the margin
+    assert (guard.best_step, guard.best_score) == (1, pytest.approx(math.log(8)))
+    with torch.no_grad():
+        model.lora_A.fill_(3.0)
+    assert guard.check(3, [_obs("q", ["a"])] * 8, model, optimizer).signals == ["answer", "text"]
+    guard.roll_back(3, model, optimizer)
+    assert torch.equal(model.lora_A.detach(), torch.ones(2)) and guard.collapse["rolled_back_to_step"] == 1
 
 
 def test_eos_is_judged_only_when_the_model_ended_its_answers_at_the_start():

@@ -26,9 +26,14 @@ share of the readable inputs:
 - ``majority_entropy``: the entropy (nats) of the inputs' majority answers within their group (for the set:
   H(majority answer | question));
 - ``answer_entropy`` (set only): the mean per-input answer entropy (how unsure each input's samples are);
-- ``score`` (set only): the mutual information between input and answer within a question, H(pooled) - mean
-  per-input H: high when answers differ across inputs and agree within one (the information-maximisation criterion
-  of SHOT-style label-free adaptation), 0 when every input of a question gets the same answer distribution;
+- ``score`` (set only): the entropy of the pooled answers within a question, H(answer | question) over all readable
+  samples: how varied the answers to a question are across its inputs. The guard rolls back to the check with the
+  best score (``guards.py``);
+- ``information`` (set only): the mutual information between input and answer within a question, H(pooled) - mean
+  per-input H (the information-maximisation criterion of SHOT-style label-free adaptation): high when answers differ
+  across inputs and agree within one, 0 when every input of a question gets the same answer distribution. Reported,
+  not used for the rollback: it rises whenever the model grows surer, and ranked sharpened, already damaged checks
+  above the start on the demo benchmark (``guards.py``);
 - ``text_share`` and ``text_entropy``: the same two statistics of the inputs' majority output texts;
 - ``ended`` (set only): the fraction of all rollouts that ended with EOS.
 
@@ -112,7 +117,8 @@ class Spread:
     share: float = 0.0
     majority_entropy: float = 0.0
     mean_entropy: float = 0.0
-    score: float = 0.0
+    pooled_entropy: float = 0.0
+    information: float = 0.0
     groups: dict[str, Spread] = field(default_factory=dict)
 
 
@@ -141,7 +147,8 @@ def _one_group(found: list[dict[str, float]]) -> Spread:
         share=majorities[dominant] / len(found),
         majority_entropy=entropy(c / len(found) for c in majorities.values()),
         mean_entropy=per_input,
-        score=max(0.0, entropy(pooled.values()) - per_input),
+        pooled_entropy=entropy(pooled.values()),
+        information=max(0.0, entropy(pooled.values()) - per_input),
     )
 
 
@@ -162,7 +169,7 @@ def spread(distributions: Sequence[dict[str, float]], groups: Sequence[str]) -> 
         stats, weight = result.groups[group], len(found) / n
         overall.update(_top(d) for d in found)
         result.share += weight * stats.share
-        for name in ("majority_entropy", "mean_entropy", "score"):
+        for name in ("majority_entropy", "mean_entropy", "pooled_entropy", "information"):
             setattr(result, name, getattr(result, name) + weight * getattr(stats, name))
     result.dominant = _top(overall)
     return result
@@ -194,6 +201,7 @@ class DiversityCheck:
     majority_entropy: float
     answer_entropy: float
     score: float
+    information: float
     dominant_text: str | None
     text_share: float
     text_entropy: float
@@ -236,7 +244,8 @@ def diversity(observations: Sequence[Observation], step: int, min_group: int = 1
         dominant_share=answers.share,
         majority_entropy=answers.majority_entropy,
         answer_entropy=answers.mean_entropy,
-        score=answers.score,
+        score=answers.pooled_entropy,
+        information=answers.information,
         dominant_text=_short(texts.dominant),
         text_share=texts.share,
         text_entropy=texts.majority_entropy,
