@@ -192,7 +192,8 @@ class TTRVModel:
         resume: bool = False,
         **options,
     ) -> list[ItemResult]:
-        """Transductive TTRV over ``items`` (E epochs), then every item answered by the adapted model.
+        """Transductive TTRV over ``items`` (a budget of ``max_updates`` updates, or ``epochs`` passes), then every item
+        answered by the adapted model.
 
         A bad image raises ValueError naming it, unless a ``skipped`` list is given: then it is recorded there and
         the other items are processed. ``checkpoint_dir``/``resume``: checkpoint the run, or continue it from there.

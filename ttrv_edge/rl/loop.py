@@ -6,10 +6,14 @@ Deviations from the paper, and why:
 - episodic mode stops early when the rollouts reach consensus (the group's advantages would all be zero);
 - "before" and "after" report the greedy answer and the distribution of N samples, so the effect of adaptation
   on the sampled answers (what TTRL reports) is visible beside the greedy one;
-- not in the paper, for unattended runs (``guards.py``, ``io/checkpoints.py``): transductive mode checks, without
-  labels, that the answers stay diverse across inputs and stops and rolls back when they collapse to one answer
-  (the failure the paper reports after long adaptation); a transductive run can be checkpointed and resumed to the
-  same LoRA weights. The update itself (rewards, loss, the NaN/Inf guard) is ``update.py``.
+- ``views`` > 1 spreads each input's N rollouts over V views of its image (``views.py``), votes across them and
+  trains every view toward the shared vote;
+- not in the paper, for unattended runs (``guards.py``, ``io/checkpoints.py``): the amount of transductive
+  adaptation is a budget of updates (``max_updates``), the same for any set size; the run checks, without labels,
+  what the model says (answers per question, output texts, whether rollouts still end, sharpening) and stops and
+  rolls back when it collapses (the failure the paper reports after long adaptation); a transductive run can be
+  checkpointed and resumed to the same LoRA weights. The update itself (rewards, loss, the NaN/Inf guard) is
+  ``update.py``.
 """
 
 from __future__ import annotations
