@@ -66,3 +66,20 @@ def test_saved_adapter_names_its_base_and_carries_a_card(model, tiny_idefics3_di
     assert "library_name: peft" in card and "ttrv-edge" in card
     again = TTRVModel.from_pretrained(str(tiny_idefics3_dir), adapter=str(out), **FAST)  # still loads
     assert again.base_model == tiny_idefics3_dir.name
+
+
+def test_default_learning_rate_follows_the_mode(tiny_idefics3_dir, test_image):
+    """lr=None: episodic runs at 5e-3 and transductive at 5e-4 (the values measured safe on the shift benchmark);
+    an explicit lr wins in both modes."""
+    from ttrv_edge.config import EPISODIC_LR, TRANSDUCTIVE_LR
+
+    seen = []
+    model = TTRVModel.from_pretrained(str(tiny_idefics3_dir), rollouts=4, steps=1, max_new_tokens=4, max_updates=1)
+    real = model.loop.update
+    model.loop.update = lambda groups: seen.append(model.loop.optimizer.param_groups[0]["lr"]) or real(groups)
+    item = {"image": test_image, "question": "Which shape?", "choices": ["circle", "square"]}
+    model.adapt(test_image, "Which shape?", choices=["circle", "square"])
+    model.adapt_dataset([item, item])
+    model.adapt(test_image, "Which shape?", choices=["circle", "square"], lr=1e-3)
+    assert seen[0] == EPISODIC_LR and TRANSDUCTIVE_LR in seen[1:-1] and seen[-1] == 1e-3, seen
+    assert TTRVConfig().lr is None and TTRVConfig().learning_rate("transductive") == TRANSDUCTIVE_LR

@@ -150,8 +150,8 @@ class TTRVModel:
             self._set_optimizer(base)
 
     def _set_optimizer(self, config: TTRVConfig) -> None:
-        for group in self._loop.optimizer.param_groups:
-            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+        for group in self._loop.optimizer.param_groups:  # a run sets its mode's learning rate when it starts
+            group["lr"], group["weight_decay"] = config.learning_rate("episodic"), config.weight_decay
 
     def adapt(
         self,

@@ -59,7 +59,14 @@ class AdaptationLoop:
         params = [p for p in self.vlm.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable LoRA parameters")
-        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        # the learning rate is set per mode when a run starts (``_set_lr``): the config's default depends on it
+        return torch.optim.AdamW(
+            params, lr=self.config.learning_rate("episodic"), weight_decay=self.config.weight_decay
+        )
+
+    def _set_lr(self, mode: str) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate(mode)
 
     def reset(self) -> None:
         """Restore the LoRA weights the loop started from and forget the optimizer state."""
@@ -143,6 +150,7 @@ class AdaptationLoop:
         ``save_dir``: save the adapted LoRA weights there (safetensors) before the reset.
         """
         cfg = self.config
+        self._set_lr("episodic")
         greedy_before = greedy_text(self.vlm, item.inputs, max_new_tokens=cfg.max_new_tokens)
         result = None
         steps: list[StepRecord] = []
@@ -199,6 +207,7 @@ class AdaptationLoop:
         statistics), the skipped (non-finite) steps and where the run resumed.
         """
         cfg = self.config
+        self._set_lr("transductive")
         total = cfg.transductive_updates(len(items))
         store = RunCheckpoint(checkpoint_dir, cfg, [item.label for item in items]) if checkpoint_dir else None
         if store is not None and not resume:
