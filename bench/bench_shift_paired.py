@@ -249,7 +249,7 @@ def cmd_report(args) -> None:
 def _plot(plt, rows, path: Path) -> None:
     methods = list(dict.fromkeys(m for m, _, _ in rows))
     conditions = [c for c in CONDITIONS if any(c == cc for _, cc, _ in rows)]
-    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(conditions)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(conditions)), 5.5))
     width = 0.8 / max(len(methods), 1)
     for k, method in enumerate(methods):
         xs, ys, errs = [], [], [[], []]
@@ -265,10 +265,10 @@ def _plot(plt, rows, path: Path) -> None:
     ax.axhline(CHANCE, color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(conditions)))
     ax.set_xticklabels([c + ("*" if c in TUNING else "") for c in conditions], rotation=20)
-    ax.set_ylabel("accuracy (error bars: 95% CI of the paired difference to base)")
+    ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Demo model under shift, severity 3 (* = tuning condition)")
+    ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    ax.set_title("Demo model under shift, severity 3 (* = tuning condition; bars: 95% CI of the paired difference)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
