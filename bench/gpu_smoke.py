@@ -153,7 +153,8 @@ def check_adaptation(model_dir: str, label: str, device: str, dtype_name: str) -
     rows, states = [], {}
     for backend in ("torch", "triton"):
         for mode in ("episodic", "transductive"):
-            options = dict(backend=backend, rollouts=8, steps=1, epochs=1, batch_size=2, max_new_tokens=8, lr=1e-2)
+            options = dict(backend=backend, rollouts=8, views=1, steps=1, epochs=1, batch_size=2, max_new_tokens=8)
+            options["lr"] = 1e-2
             options["collapse_guard"] = False  # a random model's outputs are degenerate: no roll-back to compare
             model = TTRVModel.from_pretrained(model_dir, device=device, keep=True, **options)  # bf16 on CUDA
             start = {n: p.detach().float().clone() for n, p in model.vlm.model.named_parameters() if p.requires_grad}

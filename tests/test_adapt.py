@@ -29,7 +29,7 @@ class ParityQuestion(Question):
         return "xxy"[len(self.calls) % 3]
 
 
-CONFIG = dict(rollouts=6, steps=2, max_new_tokens=6, lr=5e-2, seed=3)
+CONFIG = dict(rollouts=6, views=1, steps=2, max_new_tokens=6, lr=5e-2, seed=3)
 
 
 @pytest.fixture

@@ -77,7 +77,9 @@ def test_unknown_corruption_is_a_value_error():
 def demo_loop():
     from ttrv_edge.api import TTRVModel
 
-    return TTRVModel.from_pretrained("demo", rollouts=4, epochs=1, batch_size=2, max_new_tokens=8, steps=1).loop
+    return TTRVModel.from_pretrained(
+        "demo", rollouts=4, views=1, epochs=1, batch_size=2, max_new_tokens=8, steps=1
+    ).loop
 
 
 def test_packaged_model_answers_clean_scenes(demo_loop):

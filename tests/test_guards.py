@@ -16,7 +16,7 @@ from ttrv_edge.models import lora_state
 from ttrv_edge.rl.diversity import Observation, diversity
 from ttrv_edge.rl.guards import NONFINITE_GRADIENT, NONFINITE_LOSS, CollapseGuard
 
-FAST = dict(rollouts=6, max_new_tokens=4, seed=1)  # 6 rollouts: any 6 calls of SignalQuestion give 4 x, 2 y
+FAST = dict(rollouts=6, views=1, max_new_tokens=4, seed=1)  # 6 rollouts: any 6 calls of SignalQuestion give 4 x, 2 y
 
 
 @dataclass(frozen=True)

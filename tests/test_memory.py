@@ -301,7 +301,7 @@ def test_update_backs_off_on_out_of_memory_and_keeps_the_step(vlm, test_image, m
 
 
 def test_adapter_reports_peaks_and_micro_batches(vlm, test_image):
-    loop = AdaptationLoop(vlm, TTRVConfig(rollouts=4, max_new_tokens=5, memory_budget="8GB"))
+    loop = AdaptationLoop(vlm, TTRVConfig(rollouts=4, views=1, max_new_tokens=5, memory_budget="8GB"))
     item = loop.prepare("img", test_image, Pattern("Describe it."))
     record = loop.step([item], 0, seed=1)
     report = loop.memory.report()
@@ -316,7 +316,7 @@ def test_cli_json_has_the_memory_report(tiny_idefics3_dir, test_image, tmp_path,
 
     image = tmp_path / "image.png"
     test_image.save(image)
-    args = ["adapt", str(image), "--model", str(tiny_idefics3_dir), "--rollouts", "4", "--steps", "1"]
+    args = ["adapt", str(image), "--model", str(tiny_idefics3_dir), "--rollouts", "4", "--steps", "1", "--views", "1"]
     args += ["--max-new-tokens", "4", "--memory-budget", "8GB", "--quantize", "none", "--json"]
     args += ["--out", str(tmp_path / "out")]
     assert main(args) == 0

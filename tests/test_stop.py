@@ -23,7 +23,9 @@ from ttrv_edge.rl.diversity import POOLED, Observation, diversity, ended_flags, 
 from ttrv_edge.rl.guards import CollapseGuard, fired_signals
 from ttrv_edge.rl.schedule import schedule, work_units
 
-FAST = dict(rollouts=6, max_new_tokens=4, seed=1, lr=5e-2)
+FAST = dict(
+    rollouts=6, views=1, max_new_tokens=4, seed=1, lr=5e-2
+)  # single-view: the scripted samplers patch one group
 COLOURS = ("red", "green", "blue", "yellow")
 GIBBERISH = "red green red green red green"
 

@@ -41,7 +41,7 @@ def test_flip_only_when_the_question_is_not_about_sides():
 
 def test_bad_view_options_name_the_flag():
     with pytest.raises(ValueError, match="--views"):
-        TTRVConfig(rollouts=8, views=3)
+        TTRVConfig(views=0)
     with pytest.raises(ValueError, match="--view-transforms"):
         TTRVConfig(view_transforms="rotate")
     with pytest.raises(ValueError, match="--gate-share"):
@@ -106,3 +106,12 @@ def test_episode_with_views_reports_the_view_vote(views_model, test_image):
     result = views_model.adapt(test_image, "What is it?", choices=["a", "b"])
     assert sum(result.before.distribution.values()) == pytest.approx(1.0)
     assert result.steps and all(s.logprob_gap is None or s.logprob_gap < 1e-3 for s in result.steps)
+
+
+def test_rollouts_not_a_multiple_of_views_are_spread_evenly(tiny_idefics3_dir, test_image):
+    model = TTRVModel.from_pretrained(str(tiny_idefics3_dir), rollouts=5, views=3, max_new_tokens=4)
+    groups, answers = model.loop.sample(model.loop.prepare("img", test_image, ParityQuestion("Describe it.")), seed=1)
+    assert [g.num for g in groups] == [2, 2, 1] and len(answers) == 5
+    few = TTRVModel.from_pretrained(str(tiny_idefics3_dir), rollouts=2, views=8, max_new_tokens=4)
+    groups, _ = few.loop.sample(few.loop.prepare("img", test_image, ParityQuestion("Describe it.")), seed=1)
+    assert [g.num for g in groups] == [1, 1]  # at most N views

@@ -44,7 +44,7 @@ def _help(text: str, default, **kwargs):
 class TTRVConfig:
     """Options of a TTRV run. Every field is validated in ``__post_init__``; errors name the option."""
 
-    rollouts: int = _help("N: answers sampled per input and step", 8)
+    rollouts: int = _help("N: answers sampled per input and step (spread over --views)", 16)
     steps: int = _help("K: episodic mode, at most this many update steps per input", 3)
     epochs: int | None = _help(
         "E: transductive mode, full passes over the set, instead of --max-updates (None = use --max-updates)", None
@@ -88,10 +88,10 @@ class TTRVConfig:
     gate_share: float = _help("gated reward: least share of the N rollouts the majority answer needs", 0.5)
     gate_margin: float = _help("gated reward: least lead of the majority answer's share over the runner-up's", 0.25)
     views: int = _help(
-        "V: spread the N rollouts over V label-preserving views of the image (view 1 is the image itself) and vote "
-        "across them; rewards come from the pooled vote (1 = the image only, as in the paper; N must be a multiple "
-        "of V)",
-        1,
+        "V: spread the N rollouts over V label-preserving views of the image (view 1 is the image itself; N / V "
+        "each, the first N mod V views one more; at most N views) and vote across them; rewards come from the "
+        "pooled vote (1 = the image only, as in the paper)",
+        8,
     )
     view_transforms: str = _help(
         "views: 'geometric' (crop of 0.8-1.0 of the area, shift of up to 3 px, flip unless the question says left "
@@ -212,8 +212,6 @@ class TTRVConfig:
     def _check_views(self) -> None:
         if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 1:
             raise ValueError(f"--views must be a positive integer, got {self.views!r}")
-        if self.rollouts % self.views:
-            raise ValueError(f"--rollouts ({self.rollouts}) must be a multiple of --views ({self.views})")
         for name in ("gate_share", "gate_margin"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{_flag(name)} must be in [0, 1], got {getattr(self, name)!r}")

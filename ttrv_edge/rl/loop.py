@@ -97,9 +97,9 @@ class AdaptationLoop:
     # ------------------------------------------------------------------ one GRPO step
 
     def sample(self, item: PreparedItem, seed: int) -> tuple[Rollouts | list[Rollouts], list[str | None]]:
-        """N rollouts of the item and their answers. With ``views`` = V > 1, N / V rollouts from each of V views of
-        its image (view 1 is the image itself; one prefill per view): a list of V ``Rollouts`` and the pooled
-        answers, in order."""
+        """N rollouts of the item and their answers. With ``views`` = V > 1 they are spread over min(V, N) views of
+        its image (view 1 is the image itself; one prefill per view; N // V each, the first N mod V views one
+        more): a list of ``Rollouts`` and the pooled answers, in order."""
         cfg = self.config
         if cfg.views == 1:
             rollouts = self._sample_inputs(item.inputs, cfg.rollouts, seed)
@@ -107,12 +107,13 @@ class AdaptationLoop:
         if item.image is None:
             raise ValueError("--views needs the item's image (prepare items with AdaptationLoop.prepare)")
         flip = flip_allowed(item.question.text)
-        images = make_views(load_rgb(item.image), cfg.views, seed, cfg.view_transforms, flip)
-        per_view = cfg.rollouts // cfg.views
+        count = min(cfg.views, cfg.rollouts)
+        images = make_views(load_rgb(item.image), count, seed, cfg.view_transforms, flip)
         groups = []
         for v, image in enumerate(images):
             inputs = item.inputs if v == 0 else self.vlm.prompt_inputs(image, item.question.prompt())
-            groups.append(self._sample_inputs(inputs, per_view, item_seed(seed, 100 + v)))
+            rows = cfg.rollouts // count + (1 if v < cfg.rollouts % count else 0)
+            groups.append(self._sample_inputs(inputs, rows, item_seed(seed, 100 + v)))
         return groups, [item.question.extract(t) for r in groups for t in r.texts]
 
     def _sample_inputs(self, inputs: dict, num: int, seed: int) -> Rollouts:
