@@ -36,20 +36,21 @@ HELD_OUT = ("blur", "hue", "jpeg", "pixelate", "sketch", "invert")
 CONDITIONS = ("clean", *TUNING, *HELD_OUT)
 CHANCE = 0.25  # four options per question
 VIEWS = {"views": 8}
+ONE = {"views": 1}  # the image only (the paper's setting), pinned: the package default votes across views
 # name -> (demo-eval method, config overrides, which prediction is the method's answer)
 METHODS = {
-    "base": ("base", {}, "answer"),
-    "self-consistency": ("base", {}, "majority"),  # "answer": greedy; "majority": the vote of the N samples
+    "base": ("base", ONE, "answer"),  # "answer": greedy; "majority": the vote of the N samples
+    "self-consistency": ("base", ONE, "majority"),
     "view-vote": ("base", VIEWS, "majority"),
-    "ttrv-episodic": ("ttrv-episodic", {}, "answer"),
+    "ttrv-episodic": ("ttrv-episodic", ONE, "answer"),
     "ttrv-episodic+views": ("ttrv-episodic", VIEWS, "answer"),
     "ttrv-episodic+views (vote)": ("ttrv-episodic", VIEWS, "majority"),
     "ttrv-episodic+views+gated": ("ttrv-episodic", {**VIEWS, "reward": "gated"}, "answer"),
-    "ttrv-episodic+gated": ("ttrv-episodic", {"reward": "gated"}, "answer"),
-    "ttrv-transductive": ("ttrv", {}, "answer"),
+    "ttrv-episodic+gated": ("ttrv-episodic", {**ONE, "reward": "gated"}, "answer"),
+    "ttrv-transductive": ("ttrv", ONE, "answer"),
     "ttrv-transductive+views": ("ttrv", VIEWS, "answer"),
-    "ttrl": ("ttrl", {}, "answer"),
-    "tent": ("tent", {}, "answer"),
+    "ttrl": ("ttrl", ONE, "answer"),
+    "tent": ("tent", ONE, "answer"),
 }
 # methods that share one run (same method and overrides): the run is done once, both answers are recorded
 SHARED = {"self-consistency": "base", "ttrv-episodic+views (vote)": "ttrv-episodic+views"}
