@@ -59,6 +59,7 @@ def _config(args, **overrides):
         baseline=args.baseline,
         entropy_signal=args.entropy_signal,
         seed=args.seed,
+        views=1,  # the table's methods are the paper's single-image ones (views: bench_shift_paired.py)
     )
     return dataclasses.replace(base, **overrides)
 
