@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .grpo_loss_triton import grpo_terms
-from .linear_logprob_entropy_triton import chunk_logits, default_chunk_rows, matmul_dtype
+from .linear_logprob_entropy_triton import backprop_chunk, cast_grads, chunk_logits, default_chunk_rows, matmul_dtype
 from .logprob_entropy_triton import autotuned, check_inputs, launch, row_softmax_grad, row_softmax_stats
 from .reference import loss_normalizer
 
@@ -141,20 +141,9 @@ class _LinearGRPOLoss(torch.autograd.Function):
                 entropy[rows] if has_entropy else logp[rows], terms[:, rows], terms.stride(0),
                 V, 1.0 / temperature, clip_low, clip_high, beta, entropy_coef, **flags,
             )  # fmt: skip
-            if need_hidden:
-                torch.mm(logits, weight, out=dhidden[rows])
-            if need_weight:
-                if dweight.dtype == logits.dtype:
-                    dweight.addmm_(logits.t(), h)
-                else:
-                    dweight.add_(logits.t() @ h)
-            if need_bias:
-                dbias += logits.sum(0, dtype=torch.float32)
+            backprop_chunk(logits, weight, h, None if dhidden is None else dhidden[rows], dweight, dbias)
             del logits
-        if dweight is not None:
-            dweight = dweight.to(weight.dtype)
-        if dbias is not None:
-            dbias = dbias.to(bias.dtype)
+        dweight, dbias = cast_grads(dweight, dbias, weight, bias)
         sums = terms.sum(1) / denom
         loss, mean_kl, clip_fraction = sums.unbind(0)
         ctx.save_for_backward(dhidden, dweight, dbias)

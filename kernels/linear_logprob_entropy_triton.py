@@ -44,6 +44,28 @@ def chunk_logits(hidden_chunk, weight, bias):
     return torch.addmm(bias, hidden_chunk, weight.t())
 
 
+def backprop_chunk(dlogits, weight, h, dhidden_rows, dweight, dbias) -> None:
+    """One chunk's logit gradients ``dlogits`` [rows, V] into the linear layer: d(hidden) rows written, d(weight) and
+    d(bias) accumulated (each only when its buffer exists: a frozen lm_head has none)."""
+    if dhidden_rows is not None:
+        torch.mm(dlogits, weight, out=dhidden_rows)
+    if dweight is not None:
+        if dweight.dtype == dlogits.dtype:
+            dweight.addmm_(dlogits.t(), h)
+        else:
+            dweight.add_(dlogits.t() @ h)
+    if dbias is not None:
+        dbias += dlogits.sum(0, dtype=torch.float32)
+
+
+def cast_grads(dweight, dbias, weight, bias):
+    """The accumulated (fp32) weight and bias gradients cast to their parameters' dtypes."""
+    return (
+        None if dweight is None else dweight.to(weight.dtype),
+        None if dbias is None else dbias.to(bias.dtype),
+    )
+
+
 class _LinearLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, block_v):
@@ -89,20 +111,9 @@ class _LinearLogprobEntropy(torch.autograd.Function):
                 logits,
                 ctx.block_v,
             )
-            if need_hidden:
-                torch.mm(logits, weight, out=dhidden[rows])
-            if need_weight:
-                if dweight.dtype == logits.dtype:
-                    dweight.addmm_(logits.t(), h)
-                else:
-                    dweight.add_(logits.t() @ h)
-            if need_bias:
-                dbias += logits.sum(0, dtype=torch.float32)
+            backprop_chunk(logits, weight, h, None if dhidden is None else dhidden[rows], dweight, dbias)
             del logits
-        if dweight is not None:
-            dweight = dweight.to(weight.dtype)
-        if dbias is not None:
-            dbias = dbias.to(bias.dtype)
+        dweight, dbias = cast_grads(dweight, dbias, weight, bias)
         return dhidden, dweight, dbias, None, None, None, None
 
 
