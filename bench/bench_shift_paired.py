@@ -31,6 +31,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # tiny model on a shared CPU: see ttrv_edge/cli.py
 
 RESULTS = Path(__file__).parent / "results"
+DEFAULT_RECORDS = str(RESULTS / "shift_paired_runs.jsonl")
+FULL_SIZE = 128  # scenes per condition of the committed results: a smaller run must not mix into them
 TUNING = ("gaussian_noise", "contrast")
 HELD_OUT = ("blur", "hue", "jpeg", "pixelate", "sketch", "invert")
 CONDITIONS = ("clean", *TUNING, *HELD_OUT)
@@ -67,6 +69,7 @@ def _config(args, overrides: dict):
         lr=args.lr,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        lora_targets=args.lora_targets,
     )
     return dataclasses.replace(base, **overrides)
 
@@ -84,6 +87,10 @@ def cmd_run(args) -> None:
     model = TTRVModel.from_pretrained(args.model, _config(args, {}))
     loop = model.loop
     records = Path(args.records)
+    if args.records == DEFAULT_RECORDS and args.n < FULL_SIZE:
+        raise SystemExit(
+            f"error: --n {args.n}: a run smaller than {FULL_SIZE} scenes writes elsewhere (--records PATH)"
+        )
     records.parent.mkdir(parents=True, exist_ok=True)
     for condition in conditions:
         base_config = loop.config
@@ -104,7 +111,7 @@ def cmd_run(args) -> None:
                     for item, result, answer in zip(items, results, answers):
                         after = result.after or result.before
                         record = {
-                            "method": name,
+                            "method": name if args.lora_targets == "language" else f"{name} [{args.lora_targets}]",
                             "condition": condition,
                             "severity": args.severity,
                             "scene": item.label,
@@ -204,7 +211,7 @@ def cmd_report(args) -> None:
     summary += ["|---|---|---|---|---|---|"]
     lines += [header, "|---|---|---|---|---|---|---|---|---|---|"]
     plot_rows = []
-    for method in [m for m in METHODS if m in by]:
+    for method in [m for m in METHODS if m in by] + sorted(m for m in by if m not in METHODS):  # + [targets]
         conds = [c for c in CONDITIONS if c in by[method]]
         worst = None
         for condition in conds:
@@ -292,10 +299,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=BENCH_LR)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lora-targets", default="language", help="LoRA targets of the loaded model; the method names get a suffix"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--records",
-        default=str(RESULTS / "shift_paired_runs.jsonl"),
+        default=DEFAULT_RECORDS,
         help="run: the JSONL to append to; report: one or more, comma-separated",
     )
     parser.add_argument("--out", default=str(RESULTS / "shift_paired"), help="report: path stem of .md/.csv/.png")
