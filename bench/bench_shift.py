@@ -145,16 +145,23 @@ def cmd_ablation(args) -> None:
 
 
 def _latest(path: Path, key) -> dict:
+    """The newest record of each key among those with the most scenes: a smaller run never replaces a larger one."""
     rows = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
-                rows[key(record)] = record
+                kept = rows.get(key(record))
+                if kept is None or record.get("n", 0) >= kept.get("n", 0):
+                    rows[key(record)] = record
     return rows
 
 
 def cmd_report(args) -> None:
+    try:  # checked before anything is written: a missing plotting library must not leave half-written tables
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: report needs matplotlib (pip install 'ttrv-edge[bench]'); nothing written") from None
     every = _latest(RESULTS / "shift_runs.jsonl", lambda r: (r["corruption"], r["severity"], r["method"], r["tag"]))
     tuning = [
         [
