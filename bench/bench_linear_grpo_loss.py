@@ -168,6 +168,18 @@ def cases(args):
                             yield Case(provider, n, v, h, dtype, pass_, build, nbytes)
 
 
+def gemm_count(provider: str, pass_: str, train_weight: bool) -> int:
+    """GEMMs of size N x V x H per call (analytic): the forward's logits; for fwd+bwd d(hidden), and d(weight) when
+    the lm_head trains. The fused op writes d(hidden) during the forward; the composition recomputes the logits in
+    its backward (activation checkpointing); Liger's chunked loss always computes d(weight) as well."""
+    if provider == "liger":
+        return 3
+    if pass_ == "fwd":
+        return 1
+    backward = {"fused": 1, "composition": 2, "trl": 1, "compile": 1}[provider]
+    return 1 + backward + (1 if train_weight else 0)
+
+
 def main(argv=None):
     parser = base_parser(OP, PROVIDERS, N="1024,4096,16384", V="49280,151936", H="576,1536,2048")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence T (B = N / T)")
@@ -182,7 +194,12 @@ def main(argv=None):
     check_args(args, PROVIDERS)
     if args.seq_len < 1:
         raise SystemExit("--seq-len must be >= 1")
-    return run(OP, cases(args), args)
+
+    def analytic(row: dict) -> dict:
+        gemms = gemm_count(row["provider"], row["pass"], args.train_weight)
+        return {"gemms": gemms, "GFLOP": gemms * 2 * row["N"] * row["V"] * row["H"] / 1e9}
+
+    return run(OP, cases(args), args, analytic)
 
 
 if __name__ == "__main__":

@@ -253,10 +253,10 @@ def run_case(case: Case, args: argparse.Namespace, op: str) -> dict | None:
 _skipped: set[str] = set()
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, columns: Iterable[str] = CSV_COLUMNS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -294,8 +294,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run(op: str, cases: Iterable[Case], args: argparse.Namespace) -> list[dict]:
-    """Measure every case, print a table, write the CSV (and PNG); returns the rows."""
+def run(op: str, cases: Iterable[Case], args: argparse.Namespace, analytic=None) -> list[dict]:
+    """Measure every case, print a table, write the CSV (and PNG); returns the rows.
+
+    ``analytic(row) -> dict``: extra columns computed from a row's shape (e.g. GEMM count and FLOPs), appended to
+    the CSV after the common ones."""
     _skipped.clear()
     torch.manual_seed(args.seed)
     rows = []
@@ -304,10 +307,13 @@ def run(op: str, cases: Iterable[Case], args: argparse.Namespace) -> list[dict]:
         row = run_case(case, args, op)
         if row is None:
             continue
+        if analytic is not None:
+            row.update(analytic(row))
         rows.append(row)
         print(f"{row['provider']:>14} {row['N']:>7} {row['V']:>7} {row['H']:>5} {row['dtype']:>5} {row['pass']:>8} "
               f"{row['ms']:>10.4g} {row['GB/s']:>8.3g} {row['peak_MB']:>9.4g}")  # fmt: skip
-    write_csv(rows, args.out)
+    extra = [k for k in (rows[0] if rows else {}) if k not in CSV_COLUMNS]
+    write_csv(rows, args.out, (*CSV_COLUMNS, *extra))
     print(f"wrote {args.out}")
     if not args.no_plot and rows:
         png = args.out.with_suffix(".png")

@@ -87,7 +87,13 @@ def test_linear_grpo_loss_bench_runs_every_provider_it_can_at_tiny_shapes(tmp_pa
     with triton_interpreter():
         rows = _main("bench_linear_grpo_loss")(argv)
     header, written = _read(out)
-    assert header == COLUMNS and len(written) == len(rows)
+    assert header == COLUMNS + ["gemms", "GFLOP"] and len(written) == len(rows)
+    # the analytic GEMM count with a trainable lm_head: fused 3 (logits, d(hidden), d(weight)), the composition 4
+    # (its backward recomputes the logits), TRL's eager path 3; every forward alone 1
+    expected = {("fused", "fwd+bwd"): 3, ("composition", "fwd+bwd"): 4, ("trl", "fwd+bwd"): 3}
+    for r in written:
+        assert int(r["gemms"]) == expected.get((r["provider"], r["pass"]), 1)
+        assert float(r["GFLOP"]) == pytest.approx(int(r["gemms"]) * 2 * 8 * 96 * 8 / 1e9, rel=1e-3)
     # liger is skipped on CPU (not installed, or no CUDA); the fused op runs under the interpreter.
     assert {(r["provider"], r["pass"]) for r in written} == {
         (p, s) for p in ("fused", "composition", "trl") for s in ("fwd", "fwd+bwd")
