@@ -127,20 +127,20 @@ def check_ops(device: str, dtype_name: str) -> list[dict]:
     return rows
 
 
-def _first_word_question():
+def _word_bucket_question():
     from dataclasses import dataclass
 
     from ttrv_edge.io.answers import Question
 
     @dataclass(frozen=True)
-    class FirstWord(Question):
+    class WordBucket(Question):
         """The answer is one of three buckets of the first word: random-weight models give varied words, and 8
         rollouts in 3 buckets always share some, so every group has a signal."""
 
         def extract(self, text: str) -> str | None:
             return str(sum(map(ord, text.split()[0])) % 3) if text.split() else None
 
-    return FirstWord
+    return WordBucket
 
 
 def check_adaptation(model_dir: str, label: str, device: str, dtype_name: str) -> list[dict]:
@@ -148,7 +148,7 @@ def check_adaptation(model_dir: str, label: str, device: str, dtype_name: str) -
     from ttrv_edge.api import TTRVModel
     from ttrv_edge.demo.scenes import make_scene
 
-    question = _first_word_question()("Describe the image.")
+    question = _word_bucket_question()("Describe the image.")
     scenes = [make_scene(seed) for seed in range(2)]
     rows, states = [], {}
     for backend in ("torch", "triton"):
