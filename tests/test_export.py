@@ -29,12 +29,8 @@ from ttrv_edge.export.onnx import export_onnx
 from ttrv_edge.io.answers import Question
 from ttrv_edge.models import load_vlm, vision_tower
 from ttrv_edge.rl.sampling import greedy_text
-from ttrv_edge.runtime.preprocess import (
-    idefics3_image_prompt,
-    idefics3_pixels,
-    qwen2vl_text_positions,
-    qwen2vl_vision_positions,
-)
+from ttrv_edge.runtime.families import idefics3 as idefics3_runtime
+from ttrv_edge.runtime.families import qwen2_vl as qwen2_vl_runtime
 from ttrv_edge.runtime.runner import OnnxVLM
 
 NEW_TOKENS = 10
@@ -208,9 +204,9 @@ def _check_qwen2vl_positions(vlm, batch, prepared):
     vision = get_vision_position_ids(grid, inner.visual.spatial_merge_size)
     assert prepared.vision_feeds["rope_positions"].tolist() == vision.tolist()
     ids = batch["input_ids"]
-    own, _ = qwen2vl_text_positions(ids, vlm.model.config.image_token_id, tuple(batch["image_grid_thw"][0]), 2)
+    own, _ = qwen2_vl_runtime.text_positions(ids, vlm.model.config.image_token_id, tuple(batch["image_grid_thw"][0]), 2)
     assert own.tolist() == positions.tolist()
-    assert qwen2vl_vision_positions((1, 4, 6), 2).shape == (24, 2)
+    assert qwen2_vl_runtime.vision_positions((1, 4, 6), 2).shape == (24, 2)
 
 
 def test_idefics3_image_splitting_matches_the_processor(tiny_idefics3_dir):
@@ -234,11 +230,11 @@ def test_idefics3_image_splitting_matches_the_processor(tiny_idefics3_dir):
         "global_image_token": "<global-img>",
     }
     image = probe_image(96).resize((90, 50))
-    pixels, rows, cols = idefics3_pixels(image, cfg)
+    pixels, rows, cols = idefics3_runtime.pixels(image, cfg)
     batch = processor(images=[image], text=["look: <image> now"], return_tensors="np")
     assert (rows, cols) == (2, 3) and pixels.shape == (7, 3, 32, 32)
     np.testing.assert_allclose(pixels, batch["pixel_values"][0], atol=1e-6, rtol=0)
-    ours = tokenizer(f"look: {idefics3_image_prompt(rows, cols, cfg)} now")["input_ids"]
+    ours = tokenizer(f"look: {idefics3_runtime.image_prompt(rows, cols, cfg)} now")["input_ids"]
     assert ours == batch["input_ids"][0].tolist()
 
 

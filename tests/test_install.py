@@ -43,7 +43,7 @@ DIST_MODULES = {
     "ttrv_edge/runtime/cli.py",
     "ttrv_edge/runtime/preprocess.py",
     "ttrv_edge/runtime/runner.py",
-}
+} | {f"ttrv_edge/runtime/families/{path.name}" for path in (ROOT / "ttrv_edge/runtime/families").glob("*.py")}
 
 
 def _toml(path: Path) -> dict:

@@ -204,7 +204,7 @@ def test_bad_model_paths_raise_value_error(tmp_path, tiny_idefics3_dir):
     with pytest.raises(ValueError, match="^--adapter: "):
         load_vlm(str(tiny_idefics3_dir), adapter=str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="^--model: "):
-        build_tiny_vlm(tmp_path / "x", "llava")
+        build_tiny_vlm(tmp_path / "x", "gemma3")
 
 
 def test_trust_remote_code_only_when_asked(tiny_qwen2vl_dir, monkeypatch):

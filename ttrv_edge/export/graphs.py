@@ -7,11 +7,8 @@ what gets traced), with the parts that do not trace replaced by inputs or plain 
   ``masked_scatter`` as cumsum + gather + where, which also works with zero features in decode steps), the text
   model with a ``DynamicCache`` rebuilt from flat past tensors, the lm_head on the last position. Mask and position
   ids are inputs: transformers' mask helpers branch on shapes, and Qwen2-VL's 3-D rope positions come from a loop
-  over the prompt (``ttrv_edge.runtime.preprocess`` computes them in numpy).
-- ``Idefics3VisionGraph``: SigLIP tower + pixel-shuffle connector on full-size crops (patch mask all ones).
-- ``Qwen2VLVisionGraph``: Qwen2-VL's vision blocks with one attention over all patches under a block-diagonal mask
-  built in the graph from ``segment_ids`` (one segment per image), instead of transformers' split of the sequence
-  per image with ``.tolist()``, which does not export; rope positions are an input.
+  over the prompt (``ttrv_edge.runtime.families.qwen2_vl`` computes them in numpy).
+- the vision graphs, one per family: ``export/families/``.
 
 Example inputs use sizes of at least 2 in every dynamic dimension: ``torch.export`` specialises a size-1 dimension.
 """
@@ -23,19 +20,14 @@ import inspect
 import torch
 from PIL import Image, ImageDraw
 
-IDEFICS3_TYPES = ("idefics3",)  # SmolVLM(-256M/500M/2B) checkpoints are Idefics3; SmolVLM2 is not tested
-QWEN2_VL_TYPES = ("qwen2_vl",)
+from .families import export_family
 
 __all__ = [
     "DecoderGraph",
-    "Idefics3VisionGraph",
-    "Qwen2VLVisionGraph",
     "architecture",
     "decoder_example",
     "image_config",
     "probe_image",
-    "text_model",
-    "vision_example",
 ]
 
 
@@ -74,45 +66,6 @@ class DecoderGraph(torch.nn.Module):
         return (logits, *present)
 
 
-class Idefics3VisionGraph(torch.nn.Module):
-    """SigLIP tower + pixel-shuffle connector; every crop is full size, so the patch mask is all ones."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.vision, self.connector = inner.vision_model, inner.connector
-
-    def forward(self, pixel_values):
-        features = self.connector(self.vision(pixel_values=pixel_values).last_hidden_state)
-        return features.reshape(-1, features.shape[-1])
-
-
-class Qwen2VLVisionGraph(torch.nn.Module):
-    """Qwen2-VL's vision blocks with one block-diagonal-masked attention instead of a split per image."""
-
-    def __init__(self, visual):
-        super().__init__()
-        self.visual = visual
-
-    def forward(self, pixel_values, rope_positions, segment_ids):
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
-
-        visual = self.visual
-        hidden = visual.patch_embed(pixel_values)
-        cos, sin = visual.rotary_pos_emb(hidden, rope_positions)
-        same = segment_ids[:, None] == segment_ids[None, :]
-        bias = torch.where(same, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)[None, None]
-        for block in visual.blocks:
-            attn = block.attn
-            x = block.norm1(hidden)
-            q, k, v = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-            q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scaling)
-            hidden = hidden + attn.proj(out[0].transpose(0, 1).reshape(x.shape[0], -1))
-            hidden = hidden + block.mlp(block.norm2(hidden))
-        return visual.merger(hidden)
-
-
 # ----------------------------------------------------------------------------------------------- architectures
 
 
@@ -126,63 +79,21 @@ def probe_image(size: int = 64) -> Image.Image:
 
 
 def architecture(model) -> str:
-    """ "idefics3" or "qwen2_vl" for a transformers VLM; ValueError naming --model for anything else."""
+    """The family key (transformers ``model_type``) of a VLM that export supports; ValueError naming --model."""
     model_type = model.config.model_type
-    if model_type in IDEFICS3_TYPES:
-        return "idefics3"
-    if model_type in QWEN2_VL_TYPES:
-        return "qwen2_vl"
-    raise ValueError(f"--model: ONNX export supports Idefics3 (SmolVLM) and Qwen2-VL, not {model_type!r}")
-
-
-def text_model(model, arch: str):
-    """The language model (decoder stack + final norm, no lm_head) of a merged VLM."""
-    return model.model.text_model if arch == "idefics3" else model.model.language_model
+    export_family(model_type)
+    return model_type
 
 
 def image_config(processor, arch: str) -> dict:
-    """The manifest's ``preprocess`` section: the processor's image settings, flattened for runtime/preprocess.py."""
+    """The manifest's ``preprocess`` section: the processor's image settings, flattened for runtime/families/."""
     ip = processor.image_processor.to_dict()
     common = {k: ip.get(k) for k in ("do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean")}
     common.update(image_std=ip.get("image_std"), resample=int(ip.get("resample") or 3), kind=arch)
-    if arch == "idefics3":
-        return common | {
-            "longest_edge": int(ip["size"]["longest_edge"]),
-            "max_image_size": int(ip["max_image_size"]["longest_edge"]),
-            "do_image_splitting": bool(ip.get("do_image_splitting")),
-            "image_seq_len": int(processor.image_seq_len),
-            "image_token": processor.image_token,
-            "fake_image_token": processor.fake_image_token,
-            "global_image_token": processor.global_image_tag,
-        }
-    size = ip.get("size") or {}
-    return common | {
-        "min_pixels": int(size.get("shortest_edge") or ip["min_pixels"]),
-        "max_pixels": int(size.get("longest_edge") or ip["max_pixels"]),
-        "patch_size": int(ip["patch_size"]),
-        "temporal_patch_size": int(ip["temporal_patch_size"]),
-        "merge_size": int(ip["merge_size"]),
-        "image_token": processor.image_token,
-    }
+    return common | export_family(arch).image_config(processor)
 
 
-def vision_example(arch: str, batch, image_cfg: dict):
-    """Example inputs and dynamic axes of the vision graph, from the processor's output for the probe image."""
-    if arch == "idefics3":
-        pixels = batch["pixel_values"].reshape(-1, *batch["pixel_values"].shape[2:]).float()
-        pixels = torch.cat([pixels, pixels.flip(-1)]) if pixels.shape[0] == 1 else pixels  # a size-1 dim would freeze
-        return (pixels,), ["pixel_values"], {"pixel_values": {0: "num_crops"}}
-    from ..runtime.preprocess import qwen2vl_vision_positions
-
-    grid = tuple(int(x) for x in batch["image_grid_thw"][0])
-    rope = torch.from_numpy(qwen2vl_vision_positions(grid, image_cfg["merge_size"]))
-    pixels = batch["pixel_values"].float()
-    segments = torch.zeros(pixels.shape[0], dtype=torch.int64)
-    axes = {"pixel_values": {0: "patches"}, "rope_positions": {0: "patches"}, "segment_ids": {0: "patches"}}
-    return (pixels, rope, segments), ["pixel_values", "rope_positions", "segment_ids"], axes
-
-
-def decoder_example(text_config, arch: str, image_token_id: int, seq: int = 5, past: int = 3):
+def decoder_example(text_config, mrope: bool, image_token_id: int, seq: int = 5, past: int = 3):
     """Example inputs (5 tokens, 2 of them image tokens, a past of 3), names, dynamic axes and the KV layout."""
     kv_heads = text_config.num_key_value_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
@@ -191,7 +102,7 @@ def decoder_example(text_config, arch: str, image_token_id: int, seq: int = 5, p
     features = torch.randn(2, text_config.hidden_size)
     mask = torch.zeros(1, 1, seq, past + seq)
     positions = torch.arange(past, past + seq)[None]
-    positions = positions[None].expand(3, 1, seq).contiguous() if arch == "qwen2_vl" else positions
+    positions = positions[None].expand(3, 1, seq).contiguous() if mrope else positions
     pasts = [torch.randn(1, kv_heads, past, head_dim) for _ in range(2 * layers)]
     names = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
     axes = {"input_ids": {1: "sequence"}, "image_features": {0: "image_tokens"}}

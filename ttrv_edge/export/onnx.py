@@ -45,17 +45,8 @@ import torch
 
 from ..models.loading import load_vlm, resolve_model_path
 from ..models.lora import adapted_targets
-from .graphs import (
-    DecoderGraph,
-    Idefics3VisionGraph,
-    Qwen2VLVisionGraph,
-    architecture,
-    decoder_example,
-    image_config,
-    probe_image,
-    text_model,
-    vision_example,
-)
+from .families import export_family
+from .graphs import DecoderGraph, architecture, decoder_example, image_config, probe_image
 from .merge import adapter_sha256, base_model_for, merge_lora
 
 __all__ = ["DEFAULT_OPSET", "export_lines", "export_onnx", "export_summary", "quantize_int8"]
@@ -209,13 +200,14 @@ def _export_graphs(merged, vlm, arch: str, image_cfg: dict, out: Path, opset: in
     batch = vlm.processor(images=[probe_image()], text=[_probe_prompt(vlm)], return_tensors="pt")
     with torch.no_grad():
         torch.manual_seed(0)
-        args, names, axes = vision_example(arch, batch, image_cfg)
-        vision = Idefics3VisionGraph(merged.model) if arch == "idefics3" else Qwen2VLVisionGraph(merged.model.visual)
+        family = export_family(arch)
+        args, names, axes = family.vision_example(batch, image_cfg)
+        vision = family.vision_graph(merged)
         log("exporting vision.onnx")
         _export_graph(vision.eval(), args, out / "vision.onnx", names, ["image_features"], axes, opset)
-        text = text_model(merged, arch)
+        text = family.text_model(merged)
         image_token_id = int(merged.config.image_token_id)
-        args, inputs, outputs, axes, text_info = decoder_example(text.config, arch, image_token_id)
+        args, inputs, outputs, axes, text_info = decoder_example(text.config, family.MROPE, image_token_id)
         log("exporting decoder.onnx")
         decoder = DecoderGraph(text, merged.get_output_embeddings(), image_token_id).eval()
         _export_graph(decoder, args, out / "decoder.onnx", inputs, outputs, axes, opset)

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
+from ..models.families import TINY_NAMES
 from .checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .images import display_name
 
@@ -22,7 +23,7 @@ __all__ = ["ADAPTER_FILES", "BUILT_IN_MODELS", "MODEL_CARD", "base_model_label",
 MODEL_CARD = "README.md"
 ADAPTER_FILES = frozenset({ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD})
 """Every file a saved adapter folder holds: a folder with nothing else is one ttrv-edge may replace."""
-BUILT_IN_MODELS = ("demo", "tiny", "tiny-idefics3", "tiny-qwen2-vl", "tiny-qwen2_vl")
+BUILT_IN_MODELS = ("demo", *TINY_NAMES)
 CARD_SETTINGS = ("rollouts", "steps", "epochs", "batch_size", "lr", "temperature", "reward", "alpha", "seed")
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .families import TINY_NAMES
 from .forward import base_model, forward_params, lm_head
 from .lora import adapted_targets, attach_lora, check_lora_placement, is_adapted_param
 from .processors import load_processor
@@ -32,7 +33,6 @@ __all__ = [
     "resolve_model_path",
 ]
 
-TINY_NAMES = {"tiny": "idefics3", "tiny-idefics3": "idefics3", "tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2_vl": "qwen2_vl"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -1,7 +1,7 @@
 """Answer questions about images with an exported ttrv-edge model on onnxruntime, without torch.
 
-This module and everything it imports (``preprocess``, ``io.answers``, ``io.images``) stay free of torch and
-transformers: an exported model answers with onnxruntime, numpy, pillow, tokenizers and jinja2 only
+This module and everything it imports (``families``, ``preprocess``, ``io.answers``, ``io.images``) stay free of
+torch and transformers: an exported model answers with onnxruntime, numpy, pillow, tokenizers and jinja2 only
 (tests/test_export.py runs it in a subprocess and checks ``sys.modules``).
 
     runner = OnnxVLM("exported/")
@@ -26,14 +26,8 @@ import numpy as np
 
 from ..io.answers import Question
 from ..io.images import load_image
-from .preprocess import (
-    ChatPrompt,
-    idefics3_image_prompt,
-    idefics3_pixels,
-    qwen2vl_pixels,
-    qwen2vl_text_positions,
-    qwen2vl_vision_positions,
-)
+from .families import runtime_family
+from .preprocess import ChatPrompt, Prepared
 
 __all__ = ["Generation", "OnnxVLM", "answer_report", "load_manifest"]
 
@@ -63,17 +57,6 @@ class Generation:
     logits: list[np.ndarray] = field(default_factory=list)
 
 
-@dataclass
-class Prepared:
-    """One prompt, ready for the graphs: token ids, the vision graph's feeds, the prompt's position ids and the
-    position of the first generated token."""
-
-    input_ids: np.ndarray  # [1, L] int64
-    vision_feeds: dict
-    position_ids: np.ndarray  # [1, L] or [3, 1, L] int64
-    next_position: int
-
-
 class OnnxVLM:
     """An exported VLM on onnxruntime: preprocessing, greedy decoding with the KV cache, answer extraction."""
 
@@ -83,6 +66,7 @@ class OnnxVLM:
         self.directory = Path(directory)
         self.manifest = load_manifest(directory)
         self.arch = self.manifest["architecture"]
+        self.family = runtime_family(self.arch)
         files = self._graph_files(int8)
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -124,22 +108,7 @@ class OnnxVLM:
         marker = self.pre["image_token"]
         if prompt.count(marker) != 1:
             raise ValueError(f"the chat template must place exactly one image token, found {prompt.count(marker)}")
-        if self.arch == "idefics3":
-            pixels, rows, cols = idefics3_pixels(image, self.pre)
-            ids = self.chat.encode(prompt.replace(marker, idefics3_image_prompt(rows, cols, self.pre)))
-            positions = np.arange(ids.shape[1], dtype=np.int64)[None]
-            return Prepared(ids, {"pixel_values": pixels}, positions, ids.shape[1])
-        pixels, grid = qwen2vl_pixels(image, self.pre)
-        merge = int(self.pre["merge_size"])
-        count = grid[0] * grid[1] * grid[2] // merge**2
-        ids = self.chat.encode(prompt.replace(marker, marker * count))
-        positions, next_position = qwen2vl_text_positions(ids, self.image_token_id, grid, merge)
-        feeds = {
-            "pixel_values": pixels,
-            "rope_positions": qwen2vl_vision_positions(grid, merge),
-            "segment_ids": np.zeros(pixels.shape[0], dtype=np.int64),
-        }
-        return Prepared(ids, feeds, positions, next_position)
+        return self.family.prepare(image, prompt, self.pre, self.chat, self.image_token_id)
 
     def image_features(self, prepared: Prepared) -> np.ndarray:
         """Image features [n, H] for the prompt's image tokens (the vision graph's output)."""
@@ -159,7 +128,7 @@ class OnnxVLM:
         return logits[0], [(present[2 * i], present[2 * i + 1]) for i in range(len(present) // 2)]
 
     def _step_positions(self, position: int) -> np.ndarray:
-        shape = (3, 1, 1) if self.arch == "qwen2_vl" else (1, 1)
+        shape = (3, 1, 1) if self.family.MROPE else (1, 1)
         return np.full(shape, position, dtype=np.int64)
 
     def generate(self, image, text: str, *, max_new_tokens: int = 16, return_logits: bool = False) -> Generation:
