@@ -33,6 +33,22 @@ def tiny_qwen2vl_dir(tmp_path_factory):
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-qwen2-vl"), "qwen2_vl")
 
 
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory, tiny_idefics3_dir, tiny_qwen2vl_dir):
+    """``tiny_family_dir(model_type)``: the tiny random model of any family (``models.families.FAMILIES``), built
+    once per session on first use (never in the user's cache)."""
+    from ttrv_edge.models.builders import build_tiny_vlm
+
+    built = {"idefics3": tiny_idefics3_dir, "qwen2_vl": tiny_qwen2vl_dir}
+
+    def get(model_type: str):
+        if model_type not in built:
+            built[model_type] = build_tiny_vlm(tmp_path_factory.mktemp(f"tiny-{model_type}"), model_type)
+        return built[model_type]
+
+    return get
+
+
 @pytest.fixture
 def test_image():
     """A 64x64 RGB image: a red circle and a blue square on white."""

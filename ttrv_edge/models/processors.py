@@ -1,6 +1,6 @@
 """A model's processor (image processor + tokenizer + chat template), loadable without torchvision.
 
-Qwen2-VL (and Qwen2.5-VL) processors own a video processor that needs torchvision, which is not installed on CPU
+Qwen2-VL, Qwen2.5-VL, InternVL and SmolVLM2 processors own a video processor that needs torchvision, which is not installed on CPU
 machines. ``load_processor`` rebuilds such a processor from its image processor and tokenizer with the video part
 dropped (``image_only_processor``); videos are not supported by ttrv-edge anyway.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 __all__ = ["VIDEO_PROCESSOR_TYPES", "image_only_processor", "load_processor"]
 
 # Processors whose video half needs torchvision; they are rebuilt image-only when AutoProcessor cannot load them.
-VIDEO_PROCESSOR_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
+VIDEO_PROCESSOR_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "internvl", "smolvlm")
 
 
 def _model_type(path: str) -> str | None:
