@@ -1,8 +1,8 @@
 """A model's processor (image processor + tokenizer + chat template), loadable without torchvision.
 
-Qwen2-VL, Qwen2.5-VL, InternVL and SmolVLM2 processors own a video processor that needs torchvision, which is not installed on CPU
-machines. ``load_processor`` rebuilds such a processor from its image processor and tokenizer with the video part
-dropped (``image_only_processor``); videos are not supported by ttrv-edge anyway.
+Qwen2-VL, Qwen2.5-VL, InternVL and SmolVLM2 processors own a video processor that needs torchvision, which is not
+installed on CPU machines. ``load_processor`` rebuilds such a processor from its image processor and tokenizer with
+the video part dropped (``image_only_processor``); videos are not supported by ttrv-edge anyway.
 """
 
 from __future__ import annotations
