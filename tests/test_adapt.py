@@ -10,7 +10,7 @@ from ttrv_edge import kernels
 from ttrv_edge.api import TTRVModel
 from ttrv_edge.config import TTRVConfig
 from ttrv_edge.io.answers import Question
-from ttrv_edge.io.images import Item
+from ttrv_edge.io.inputs import Item
 from ttrv_edge.models import backbone_hidden_states, lm_head, sequence_inputs
 from ttrv_edge.rl.loop import AdaptationLoop
 from ttrv_edge.rl.records import consensus_of

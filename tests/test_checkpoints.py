@@ -15,7 +15,7 @@ from ttrv_edge.api import TTRVModel
 from ttrv_edge.io import checkpoints
 from ttrv_edge.io.answers import Question
 from ttrv_edge.io.checkpoints import atomic_write_bytes, check_adapter_dir, save_adapter
-from ttrv_edge.io.images import Item
+from ttrv_edge.io.inputs import Item
 from ttrv_edge.models import lora_state
 
 FAST = dict(rollouts=6, max_new_tokens=4, lr=5e-2, seed=7)

@@ -20,7 +20,8 @@ from PIL import Image, ImageFile, JpegImagePlugin
 
 from ttrv_edge.io import images
 from ttrv_edge.io.answers import Question
-from ttrv_edge.io.images import MAX_SIDE, SkippedItem, collect_items, display_name, load_image, read_jsonl
+from ttrv_edge.io.images import MAX_SIDE, display_name, load_image
+from ttrv_edge.io.inputs import SkippedItem, collect_items, read_jsonl
 
 RUNNING_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -19,7 +19,7 @@ from ttrv_edge.api import TTRVModel
 from ttrv_edge.config import TTRVConfig
 from ttrv_edge.io.answers import Question
 from ttrv_edge.io.checkpoints import check_adapter_dir
-from ttrv_edge.io.images import Item
+from ttrv_edge.io.inputs import Item
 from ttrv_edge.memory.costs import WorkShape
 from ttrv_edge.memory.planner import MemoryPlanner
 from ttrv_edge.models import load_vlm, lora_state, vision_tower

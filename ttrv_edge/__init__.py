@@ -23,7 +23,7 @@ _EXPORTS = {
     "TTRVModel": "api",
     "TTRVConfig": "config",
     "Question": "io.answers",
-    "Item": "io.images",
+    "Item": "io.inputs",
     "ItemResult": "rl.records",
     "Prediction": "rl.records",
     "StepRecord": "rl.records",

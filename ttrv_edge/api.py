@@ -29,7 +29,8 @@ from .config import TTRVConfig
 from .io.adapter_dirs import base_model_label, model_card
 from .io.answers import DEFAULT_QUESTION, Question, parse_options
 from .io.checkpoints import check_adapter_dir, save_adapter, verify_adapter_loaded
-from .io.images import Item, SkippedItem, display_name, load_image
+from .io.images import display_name, load_image
+from .io.inputs import Item, SkippedItem
 from .models.loading import LoadedVLM, load_vlm
 from .rl.loop import AdaptationLoop
 from .rl.records import ItemResult, Prediction, PreparedItem, item_seed

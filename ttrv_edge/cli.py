@@ -142,7 +142,8 @@ def adapt(
 
     from .api import TTRVModel
     from .io.adapter_dirs import check_out_dir
-    from .io.images import collect_items, load_image
+    from .io.images import load_image
+    from .io.inputs import collect_items
 
     skipped: list = []
     mode, items = collect_items(source, default_question, skipped, allow_outside_root)

@@ -1,7 +1,7 @@
-"""Turning user inputs into images and work items: one image, a folder of images, or a JSONL file.
+"""Turning user inputs into RGB images: a path, a PIL image or an array, or a list of them (a multi-image input).
 
-Every failure is a ``ValueError`` whose one-line message names the offending file (or JSONL line), so the CLI can
-print it without a traceback and the folder/JSONL modes can report and skip one bad item (``SkippedItem``).
+Every failure is a ``ValueError`` whose one-line message names the offending file, so the CLI can print it without
+a traceback and the folder/JSONL modes (``io/inputs.py``) can report and skip one bad item.
 
 Input policy (inputs come from users and datasets, so they are treated as untrusted):
 
@@ -20,23 +20,16 @@ Input policy (inputs come from users and datasets, so they are treated as untrus
 - Colour: every mode becomes 8-bit RGB. Alpha (RGBA, LA, palette transparency) is composited on white; 16-bit
   images are scaled by 1/257 (not stretched to their own maximum, which would brighten a dark image); CMYK uses
   Pillow's conversion; animated images give their first frame; EXIF orientation is applied.
-- Paths: a JSONL file's images resolve against its folder (the data root) and may not leave it, through ``..``, an
-  absolute path or a symlink, unless the caller allows it (``--allow-outside-root``); a folder's files likewise.
-  Only regular files are opened (a FIFO or device would block or never end).
+- Only regular files are opened (a FIFO or device would block or never end).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-
-from .answers import Question, parse_options
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes MPO, the multi-picture JPEG of cameras
@@ -55,25 +48,6 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-
-
-@dataclass(frozen=True)
-class Item:
-    """One unlabeled input: where its image comes from and the question asked about it."""
-
-    image: str  # a path, or a short description for in-memory images
-    question: Question
-
-
-@dataclass(frozen=True)
-class SkippedItem:
-    """An input of a folder or JSONL file that was left out, and why (one line)."""
-
-    image: str
-    reason: str
-
-    def to_dict(self) -> dict:
-        return {"image": self.image, "reason": self.reason}
 
 
 def display_name(path) -> str:
@@ -103,6 +77,27 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE
     if isinstance(source, (str, Path)):
         return _open_path(Path(source), max_pixels, max_side)
     raise ValueError(f"image: expected a path, PIL image or numpy array, got {type(source).__name__}")
+
+
+MAX_IMAGES = 16
+"""The most images one multi-image input may hold (each costs its image tokens in every rollout's prompt)."""
+
+
+def load_images(source, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE):
+    """``load_image`` of one source, or a list of RGB images for a list/tuple of sources (a multi-image input:
+    1..``MAX_IMAGES`` images, kept in order)."""
+    if not isinstance(source, (list, tuple)):
+        return load_image(source, max_pixels=max_pixels, max_side=max_side)
+    if not 1 <= len(source) <= MAX_IMAGES:
+        raise ValueError(f"images: a multi-image input holds 1 to {MAX_IMAGES} images, got {len(source)}")
+    return [load_image(one, max_pixels=max_pixels, max_side=max_side) for one in source]
+
+
+def image_label(image) -> str:
+    """How an input's image(s) appear in results: a path, or the paths of a multi-image input joined by " + "."""
+    if isinstance(image, (list, tuple)):
+        return " + ".join(str(one) for one in image)
+    return str(image)
 
 
 def _open_path(path: Path, max_pixels: int, max_side: int) -> Image.Image:
@@ -270,123 +265,3 @@ def _fit(image: Image.Image, max_side: int) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------- folders and JSONL
-
-
-def inside_root(path: Path, root: Path) -> bool:
-    """Whether ``path``, with every symlink and ``..`` resolved, lies inside ``root`` (also resolved)."""
-    try:
-        return Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(root)))
-    except (OSError, ValueError):
-        return False
-
-
-def _outside(path: Path, root: Path) -> str:
-    return f"{display_name(path)}: outside the data root {display_name(root)} (pass --allow-outside-root to allow)"
-
-
-def image_files(folder: Path, skipped: list[SkippedItem] | None = None, allow_outside_root: bool = False) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name; symlinks leaving the folder are skipped (or raise)."""
-    try:
-        entries = sorted(folder.iterdir())
-    except OSError as error:
-        raise ValueError(f"{display_name(folder)}: cannot list this folder ({error.strerror})") from None
-    files = []
-    for entry in entries:
-        if entry.suffix.lower() not in IMAGE_SUFFIXES or entry.is_dir():
-            continue
-        if not allow_outside_root and not inside_root(entry, folder):
-            _skip_or_raise(skipped, SkippedItem(str(entry), _outside(entry, folder)))
-            continue
-        files.append(entry)
-    if not files:
-        raise ValueError(f"{display_name(folder)}: no usable image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    return files
-
-
-def _skip_or_raise(skipped: list[SkippedItem] | None, item: SkippedItem) -> None:
-    if skipped is None:
-        raise ValueError(item.reason)
-    skipped.append(item)
-
-
-def read_jsonl(
-    path: Path, default: Question, skipped: list[SkippedItem] | None = None, allow_outside_root: bool = False
-) -> list[Item]:
-    """Items of a JSONL file of {"image", "question", "choices"} objects; relative images resolve against its folder.
-
-    ``choices`` may be a list or a comma-separated string; missing fields fall back to ``default``. A bad line (not
-    JSON, no image, an image outside the data root) raises, or is appended to ``skipped`` when a list is given.
-    """
-    items = []
-    try:
-        with path.open("rb") as lines:
-            for number, raw in enumerate(lines, start=1):
-                where = f"{display_name(path)}:{number}"
-                try:
-                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                    if line.strip():
-                        items.append(_jsonl_item(path, where, line, default, allow_outside_root))
-                except UnicodeDecodeError:
-                    _skip_or_raise(skipped, SkippedItem(where, f"{where}: not UTF-8 text"))
-                except ValueError as error:
-                    _skip_or_raise(skipped, SkippedItem(where, str(error)))
-    except OSError as error:
-        raise ValueError(f"{display_name(path)}: cannot read this JSONL file ({error.strerror})") from None
-    if not items:
-        raise ValueError(f"{display_name(path)}: no usable items in this JSONL file")
-    return items
-
-
-def _jsonl_item(path: Path, where: str, line: str, default: Question, allow_outside_root: bool) -> Item:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: invalid JSON ({error.msg})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"]:
-        raise ValueError(f'{where}: each line must be an object with an "image" path')
-    if "\x00" in record["image"]:
-        raise ValueError(f"{where}: the image path contains a NUL byte")
-    image = Path(record["image"])
-    image = image if image.is_absolute() else path.parent / image
-    if not allow_outside_root and not inside_root(image, path.parent):
-        raise ValueError(f"{where}: {_outside(image, path.parent)}")
-    return Item(image=str(image), question=_record_question(record, default, where))
-
-
-def _record_question(record: dict, default: Question, where: str) -> Question:
-    try:
-        choices = record.get("choices", default.choices)
-        if isinstance(choices, str):
-            choices = parse_options(choices, "choices")
-        labels = record.get("labels", default.labels)
-        for name, value in (("choices", choices), ("labels", labels)):
-            if value is not None and not isinstance(value, (list, tuple)):
-                raise ValueError(f'"{name}" must be a list or a comma-separated string')
-        text = record.get("question", default.text)
-        if not isinstance(text, str):
-            raise ValueError('"question" must be a string')
-        return Question(
-            text=text,
-            choices=tuple(str(c) for c in choices) if choices is not None else None,
-            labels=tuple(str(c) for c in labels) if labels is not None and choices is None else None,
-            numeric=bool(record.get("numeric", default.numeric)) and choices is None and labels is None,
-        )
-    except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
-
-
-def collect_items(
-    path: Path, default: Question, skipped: list[SkippedItem] | None = None, allow_outside_root: bool = False
-) -> tuple[str, list[Item]]:
-    """("episodic", [one item]) for an image file, ("transductive", items) for a folder or a JSONL file.
-
-    With a ``skipped`` list, bad folder entries and JSONL lines are recorded there instead of raising.
-    """
-    if not path.exists():
-        raise ValueError(f"{display_name(path)}: no such file or folder")
-    if path.is_dir():
-        files = image_files(path, skipped, allow_outside_root)
-        return "transductive", [Item(image=str(p), question=default) for p in files]
-    if path.suffix.lower() == ".jsonl":
-        return "transductive", read_jsonl(path, default, skipped, allow_outside_root)
-    return "episodic", [Item(image=str(path), question=default)]

@@ -46,17 +46,24 @@ class LoadedVLM:
     name: str
 
     def prompt_inputs(self, image, prompt: str):
-        """Inputs for one user turn (the image, then ``prompt``) with the assistant generation prompt appended.
+        """Inputs for one user turn (the image, or several images in order, then ``prompt``) with the assistant
+        generation prompt appended.
 
-        Returns a ``BatchFeature`` with batch size 1 on the model's device, holding only the keys the model's
-        forward/generate accept (input_ids, attention_mask, pixel_values and pixel_attention_mask or image_grid_thw,
-        plus mm_token_type_ids on transformers versions whose Qwen2-VL needs it). Pixel values use the model dtype.
+        ``image`` is a PIL image or a list of them (a multi-image prompt: one image placeholder per image, before
+        the text, as the family's chat template places them). Returns a ``BatchFeature`` with batch size 1 on the
+        model's device, holding only the keys the model's forward/generate accept (input_ids, attention_mask,
+        pixel_values and pixel_attention_mask or image_grid_thw, plus mm_token_type_ids on transformers versions
+        whose Qwen2-VL needs it). Pixel values use the model dtype.
         """
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise ValueError("image: a prompt needs at least one image")
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if getattr(image, "mode", "RGB") != "RGB":
-            image = image.convert("RGB")
-        batch = self.processor(images=[image], text=[text], return_tensors="pt")
+        images = [im if getattr(im, "mode", "RGB") == "RGB" else im.convert("RGB") for im in images]
+        nested = [images] if len(images) > 1 else images  # one sample's images: a nested list when several
+        batch = self.processor(images=nested, text=[text], return_tensors="pt")
         accepted = forward_params(self.model)
         for key in list(batch.keys()):
             if key not in accepted:

@@ -72,21 +72,32 @@ PHOTOMETRIC = (
 )
 
 
-def load_rgb(image) -> Image.Image:
-    """A PIL image in RGB (views are made from the decoded image the processor saw)."""
+def load_rgb(image):
+    """A PIL image in RGB, or a list of them for a multi-image input (views are made from the decoded images the
+    processor saw)."""
+    if isinstance(image, (list, tuple)):
+        return [load_rgb(im) for im in image]
     return image if getattr(image, "mode", None) == "RGB" else image.convert("RGB")
 
 
-def make_views(image: Image.Image, count: int, seed: int, transforms: str, flip: bool) -> list[Image.Image]:
+def _random_view(image: Image.Image, rng: random.Random, transforms: str, flip: bool) -> Image.Image:
+    view = geometric_view(image, rng, flip)
+    if transforms == "photometric":
+        view = rng.choice(PHOTOMETRIC)(view)
+    return view
+
+
+def make_views(image, count: int, seed: int, transforms: str, flip: bool) -> list:
     """``count`` views of an RGB ``image``: the image itself, then ``count - 1`` random transforms (reproducible from
-    ``seed``)."""
+    ``seed``). For a multi-image input (a list of images) each view is a list holding one transform of every image,
+    each image drawn its own transform."""
     if transforms not in VIEW_TRANSFORMS:
         raise ValueError(f"--view-transforms must be one of {', '.join(VIEW_TRANSFORMS)}; got {transforms!r}")
     rng = random.Random(seed)
     views = [image]
     for _ in range(count - 1):
-        view = geometric_view(image, rng, flip)
-        if transforms == "photometric":
-            view = rng.choice(PHOTOMETRIC)(view)
-        views.append(view)
+        if isinstance(image, (list, tuple)):
+            views.append([_random_view(im, rng, transforms, flip) for im in image])
+        else:
+            views.append(_random_view(image, rng, transforms, flip))
     return views
