@@ -204,7 +204,8 @@ def _check_qwen2vl_positions(vlm, batch, prepared):
     vision = get_vision_position_ids(grid, inner.visual.spatial_merge_size)
     assert prepared.vision_feeds["rope_positions"].tolist() == vision.tolist()
     ids = batch["input_ids"]
-    own, _ = qwen2_vl_runtime.text_positions(ids, vlm.model.config.image_token_id, tuple(batch["image_grid_thw"][0]), 2)
+    grids = [tuple(int(x) for x in grid) for grid in batch["image_grid_thw"]]
+    own, _ = qwen2_vl_runtime.text_positions(ids, vlm.model.config.image_token_id, grids, 2)
     assert own.tolist() == positions.tolist()
     assert qwen2_vl_runtime.vision_positions((1, 4, 6), 2).shape == (24, 2)
 
@@ -343,3 +344,32 @@ def test_quantized_base_is_dequantized_before_the_merge(idefics3_export):
         assert type(merged.model.text_model.layers[0].self_attn.q_proj) is torch.nn.Linear
         assert torch.allclose(merged(**inputs).logits, reference, atol=1e-5, rtol=0)
         assert (fp32_merged(**inputs).logits - reference).abs().max() > 1e-5  # quantization did change the weights
+
+
+@pytest.mark.parametrize("fixture", ARCHS)
+def test_two_image_prompts_match_torch(fixture, request, tmp_path):
+    exported = request.getfixturevalue(fixture)
+    runner, vlm = OnnxVLM(exported.out_dir), exported.vlm
+    pictures = _images()[:2]
+    prompt = QUESTIONS[0].prompt()
+    batch = vlm.processor(images=[pictures], text=[runner.chat.render(prompt, images=2)], return_tensors="np")
+    prepared = runner.prepare(pictures, prompt)
+    assert prepared.input_ids.tolist() == batch["input_ids"].tolist()
+    pixels = batch["pixel_values"].reshape(prepared.vision_feeds["pixel_values"].shape)
+    np.testing.assert_allclose(prepared.vision_feeds["pixel_values"], pixels, atol=1e-6, rtol=0)
+    if exported.arch == "qwen2_vl":
+        _check_qwen2vl_positions(vlm, batch, prepared)
+    inputs, ref_tokens, ref_logits = _torch_greedy(vlm, pictures, prompt)
+    result = runner.generate(pictures, prompt, max_new_tokens=NEW_TOKENS, return_logits=True)
+    assert result.token_ids == ref_tokens and result.prompt_tokens == inputs["input_ids"].shape[1]
+    assert max(float(np.abs(a - b).max()) for a, b in zip(result.logits, ref_logits)) < 1e-4
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for picture, path in zip(pictures, paths):
+        picture.save(path)
+    out = subprocess.run(
+        [sys.executable, "-m", "ttrv_edge.runtime.cli", str(exported.out_dir), *map(str, paths), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout)["image"] == f"{paths[0]} + {paths[1]}"

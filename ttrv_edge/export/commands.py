@@ -65,7 +65,9 @@ def export_command(
 
 
 def answer_command(
-    image: Annotated[Path, typer.Argument(help="The image file to answer about.")],
+    image: Annotated[
+        list[Path], typer.Argument(help="The image file to answer about (several: one multi-image prompt).")
+    ],
     onnx: Annotated[Path, typer.Option(help="A folder written by `ttrv-edge export` (runs on onnxruntime, no torch).")],
     question: Annotated[
         str | None,
@@ -86,7 +88,8 @@ def answer_command(
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0: its default).")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
-    """Answer a question about IMAGE with an exported model on onnxruntime (greedy decoding, no adaptation)."""
+    """Answer a question about IMAGE (or several images in one prompt) with an exported model on onnxruntime (greedy
+    decoding, no adaptation)."""
     from ..runtime.runner import answer_report
 
     asked = Question(

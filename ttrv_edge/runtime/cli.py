@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         "greedy decoding, no torch).",
     )
     parser.add_argument("onnx", type=Path, metavar="ONNX_DIR", help="a folder written by `ttrv-edge export`")
-    parser.add_argument("image", type=Path, metavar="IMAGE", help="the image file to answer about")
+    parser.add_argument(
+        "image", type=Path, nargs="+", metavar="IMAGE", help="the image file to answer about (several: one prompt)"
+    )
     parser.add_argument("--question", default=DEFAULT_QUESTION, help="the question asked about the image")
     parser.add_argument("--choices", help="comma-separated answer options; answers are their letters (A, B, ...)")
     parser.add_argument("--labels", type=Path, help="a text file of class labels, one per line")

@@ -71,9 +71,10 @@ class ChatPrompt:
         self.tokenizer = Tokenizer.from_file(str(directory / tokenizer_file))
         self.special_tokens = dict(special_tokens)
 
-    def render(self, text: str) -> str:
-        """One user turn (the image, then ``text``) with the assistant generation prompt appended."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    def render(self, text: str, images: int = 1) -> str:
+        """One user turn (``images`` images, then ``text``) with the assistant generation prompt appended."""
+        content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
         return self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
 
     def encode(self, text: str) -> np.ndarray:

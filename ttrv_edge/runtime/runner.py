@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.answers import Question
-from ..io.images import load_image
+from ..io.images import image_label, load_images
 from .families import runtime_family
 from .preprocess import ChatPrompt, Prepared
 
@@ -102,13 +102,20 @@ class OnnxVLM:
     # -------------------------------------------------------------------------------------------- inputs
 
     def prepare(self, image, text: str) -> Prepared:
-        """Token ids, vision-graph inputs and position ids of one user turn (the image, then ``text``)."""
-        image = load_image(image)
-        prompt = self.chat.render(text)
+        """Token ids, vision-graph inputs and position ids of one user turn (the image, or a list of images for the
+        families whose runtime module has ``prepare_many``, then ``text``)."""
+        images = load_images(image)
+        images = images if isinstance(images, list) else [images]
+        if len(images) > 1 and not hasattr(self.family, "prepare_many"):
+            raise ValueError(f"image: a {self.arch} export answers about one image per prompt, got {len(images)}")
+        prompt = self.chat.render(text, images=len(images))
         marker = self.pre["image_token"]
-        if prompt.count(marker) != 1:
-            raise ValueError(f"the chat template must place exactly one image token, found {prompt.count(marker)}")
-        return self.family.prepare(image, prompt, self.pre, self.chat, self.image_token_id)
+        if prompt.count(marker) != len(images):
+            found = prompt.count(marker)
+            raise ValueError(f"the chat template must place one image token per image ({len(images)}), found {found}")
+        if len(images) > 1:
+            return self.family.prepare_many(images, prompt, self.pre, self.chat, self.image_token_id)
+        return self.family.prepare(images[0], prompt, self.pre, self.chat, self.image_token_id)
 
     def image_features(self, prepared: Prepared) -> np.ndarray:
         """Image features [n, H] for the prompt's image tokens (the vision graph's output)."""
@@ -184,15 +191,18 @@ def answer_report(
     max_new_tokens: int = 16,
     threads: int | None = None,
 ) -> dict:
-    """Load the exported model in ``directory``, answer ``question`` about ``image``; the `answer` command's JSON."""
+    """Load the exported model in ``directory``, answer ``question`` about ``image`` (a path, or a list of paths
+    for a multi-image prompt); the `answer` command's JSON."""
     started = time.perf_counter()
-    picture = load_image(image)  # a bad image fails before the sessions load
+    if isinstance(image, (list, tuple)) and len(image) == 1:
+        image = image[0]
+    picture = load_images(image)  # a bad image fails before the sessions load
     runner = OnnxVLM(directory, int8=int8, threads=threads)
     loaded = time.perf_counter() - started
     result = runner.answer(picture, question, max_new_tokens=max_new_tokens)
     return {
         "onnx": str(directory),
-        "image": str(image),
+        "image": image_label(image),
         "question": question.text,
         "kind": question.kind,
         "choices": list(question.choices) if question.choices else None,

@@ -1,7 +1,8 @@
 """Idefics3 / SmolVLM inputs without torch: resize the longest edge, then either split into ``max_image_size``
 crops plus a global view (rows x cols, ``<row_i_col_j>`` tokens) or resize to one square view. The prompt's
 ``<image>`` is expanded to ``<fake_token_around_image><global-img><image>*N<fake_token_around_image>`` (with the
-row/col blocks first when split). Positions are 0..L-1."""
+row/col blocks first when split). Positions are 0..L-1. A prompt may hold several images (``prepare_many``): their
+crops are concatenated in prompt order, each marker expanded for its own image."""
 
 from __future__ import annotations
 
@@ -12,17 +13,27 @@ from PIL import Image
 
 from ..preprocess import Prepared, rescale_normalise, resize
 
-__all__ = ["MROPE", "image_prompt", "pixels", "prepare"]
+__all__ = ["MROPE", "image_prompt", "pixels", "prepare", "prepare_many"]
 
 MROPE = False
 
 
 def prepare(image: Image.Image, prompt: str, pre: dict, chat, image_token_id: int) -> Prepared:
     """Token ids, vision feeds and positions of ``prompt`` (one image marker) for ``image``."""
-    crops, rows, cols = pixels(image, pre)
-    ids = chat.encode(prompt.replace(pre["image_token"], image_prompt(rows, cols, pre)))
+    return prepare_many([image], prompt, pre, chat, image_token_id)
+
+
+def prepare_many(images: list[Image.Image], prompt: str, pre: dict, chat, image_token_id: int) -> Prepared:
+    """``prepare`` for a prompt whose markers (one per image, in order) stand for ``images``."""
+    pieces = prompt.split(pre["image_token"])
+    crops, text = [], pieces[0]
+    for image, after in zip(images, pieces[1:], strict=True):
+        image_crops, rows, cols = pixels(image, pre)
+        crops.append(image_crops)
+        text += image_prompt(rows, cols, pre) + after
+    ids = chat.encode(text)
     positions = np.arange(ids.shape[1], dtype=np.int64)[None]
-    return Prepared(ids, {"pixel_values": crops}, positions, ids.shape[1])
+    return Prepared(ids, {"pixel_values": np.concatenate(crops)}, positions, ids.shape[1])
 
 
 def _longest_edge_size(height: int, width: int, max_len: int) -> tuple[int, int]:

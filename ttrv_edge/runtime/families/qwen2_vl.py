@@ -2,7 +2,8 @@
 [min_pixels, max_pixels], then patchify into [grid_h * grid_w, C * T * P * P] rows in (merge-block, row, col)
 order. ``<|image_pad|>`` is repeated grid_h * grid_w / merge^2 times. The 3-D rope positions (``get_rope_index``)
 and the vision rope positions (``get_vision_position_ids``) are computed here in numpy, since they are
-data-dependent loops that do not export."""
+data-dependent loops that do not export. A prompt may hold several images (``prepare_many``): their patches are
+concatenated with one segment id per image (the vision graph attends within a segment)."""
 
 from __future__ import annotations
 
@@ -13,23 +14,35 @@ from PIL import Image
 
 from ..preprocess import Prepared, rescale_normalise, resize
 
-__all__ = ["MROPE", "pixels", "prepare", "smart_resize", "text_positions", "vision_positions"]
+__all__ = ["MROPE", "pixels", "prepare", "prepare_many", "smart_resize", "text_positions", "vision_positions"]
 
 MROPE = True
 
 
 def prepare(image: Image.Image, prompt: str, pre: dict, chat, image_token_id: int) -> Prepared:
     """Token ids, vision feeds (patches, vision rope positions, one segment) and 3-D positions of ``prompt``."""
-    patches, grid = pixels(image, pre)
+    return prepare_many([image], prompt, pre, chat, image_token_id)
+
+
+def prepare_many(images: list[Image.Image], prompt: str, pre: dict, chat, image_token_id: int) -> Prepared:
+    """``prepare`` for a prompt whose markers (one per image, in order) stand for ``images``."""
     merge = int(pre["merge_size"])
-    count = grid[0] * grid[1] * grid[2] // merge**2
     marker = pre["image_token"]
-    ids = chat.encode(prompt.replace(marker, marker * count))
-    positions, next_position = text_positions(ids, image_token_id, grid, merge)
+    pieces = prompt.split(marker)
+    text, patches, rope, segments, grids = pieces[0], [], [], [], []
+    for index, (image, after) in enumerate(zip(images, pieces[1:], strict=True)):
+        image_patches, grid = pixels(image, pre)
+        text += marker * (grid[0] * grid[1] * grid[2] // merge**2) + after
+        patches.append(image_patches)
+        rope.append(vision_positions(grid, merge))
+        segments.append(np.full(image_patches.shape[0], index, dtype=np.int64))
+        grids.append(grid)
+    ids = chat.encode(text)
+    positions, next_position = text_positions(ids, image_token_id, grids, merge)
     feeds = {
-        "pixel_values": patches,
-        "rope_positions": vision_positions(grid, merge),
-        "segment_ids": np.zeros(patches.shape[0], dtype=np.int64),
+        "pixel_values": np.concatenate(patches),
+        "rope_positions": np.concatenate(rope),
+        "segment_ids": np.concatenate(segments),
     }
     return Prepared(ids, feeds, positions, next_position)
 
@@ -77,17 +90,18 @@ def vision_positions(grid: tuple[int, int, int], merge: int) -> np.ndarray:
     return np.tile(np.stack([hpos, wpos], axis=-1), (t, 1)).astype(np.int64)
 
 
-def text_positions(input_ids: np.ndarray, image_token_id: int, grid: tuple[int, int, int], merge: int):
-    """3-D rope positions [3, 1, L] int64 of a prompt holding one image, and the next free position.
+def text_positions(input_ids: np.ndarray, image_token_id: int, grid, merge: int):
+    """3-D rope positions [3, 1, L] int64 of a prompt, and the next free position. ``grid`` is the (t, h, w) of its
+    image, or a list of them for a prompt with several images (in prompt order).
 
-    Text runs count up by one in all three rows; the image's tokens get (start, start + row, start + col) over the
+    Text runs count up by one in all three rows; an image's tokens get (start, start + row, start + col) over the
     merged grid, and the text after it starts at start + max(grid_h, grid_w) / merge (Qwen2-VL's get_rope_index).
     """
+    grids = list(grid) if isinstance(grid[0], (tuple, list)) else [grid]
     ids = np.asarray(input_ids).reshape(-1)
     is_image = ids == image_token_id
-    t, gh, gw = grid[0], grid[1] // merge, grid[2] // merge
     out = np.zeros((3, ids.size), dtype=np.int64)
-    pos, i = 0, 0
+    pos, i, image = 0, 0, 0
     while i < ids.size:
         j = i
         while j < ids.size and is_image[j] == is_image[i]:
@@ -96,6 +110,11 @@ def text_positions(input_ids: np.ndarray, image_token_id: int, grid: tuple[int, 
             out[:, i:j] = pos + np.arange(j - i)
             pos += j - i
         else:
+            if image >= len(grids):
+                raise ValueError(f"image: the prompt holds more images than the {len(grids)} given")
+            grid = grids[image]
+            image += 1
+            t, gh, gw = grid[0], grid[1] // merge, grid[2] // merge
             if j - i != t * gh * gw:
                 raise ValueError(f"image: {j - i} image tokens in the prompt, the image needs {t * gh * gw}")
             tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
