@@ -6,7 +6,9 @@ Every family module has the same public names, which ``ttrv_edge.runtime.runner`
   over the three rows), False for [1, L];
 - ``prepare(image, prompt, pre, chat, image_token_id) -> Prepared``: token ids, vision-graph feeds and position ids
   of the rendered ``prompt`` (which holds the family's image marker once) for ``image`` (RGB PIL), with ``pre``
-  the manifest's ``preprocess`` section and ``chat`` the ``ChatPrompt`` (its ``encode``).
+  the manifest's ``preprocess`` section and ``chat`` the ``ChatPrompt`` (its ``encode``);
+- optionally ``prepare_many(images, prompt, pre, chat, image_token_id)``: the same for a prompt holding one marker
+  per image, in order (multi-image prompts; the runner refuses several images for a family without it).
 
 The manifest's ``architecture`` (the family's transformers ``model_type``) names the module.
 """
