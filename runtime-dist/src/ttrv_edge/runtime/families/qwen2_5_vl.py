@@ -1,0 +1,1 @@
+../../../../../ttrv_edge/runtime/families/qwen2_5_vl.py
