@@ -158,6 +158,11 @@ def _first(config, *names, default=0):
     return default
 
 
+def _side(patch) -> int:
+    """A patch size as one side: InternViT's config holds (height, width)."""
+    return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+
+
 def model_costs(model) -> ModelCosts:
     """The ``ModelCosts`` of a (peft-wrapped, possibly quantized) VLM: config sizes plus bytes of its tensors."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -202,7 +207,7 @@ def model_costs(model) -> ModelCosts:
         vision_hidden=vision_hidden,
         vision_intermediate=vision_inter,
         vision_heads=int(_first(vision, "num_attention_heads", "num_heads", default=0)) if vision is not None else 0,
-        patch=int(_first(vision, "patch_size", default=0)) if vision is not None else 0,
+        patch=_side(_first(vision, "patch_size", default=0)) if vision is not None else 0,
         temporal_patch=int(_first(vision, "temporal_patch_size", default=1)) if vision is not None else 1,
         attention_scores=attention == "eager",
         vision_layers=int(_first(vision, "depth", "num_hidden_layers", default=0)) if vision is not None else 0,

@@ -140,6 +140,8 @@ PLACEHOLDER_ATTRS = (
     "global_image_token_id",
     "boi_token_id",
     "eoi_token_id",
+    "start_image_token_id",  # InternVL's <img> and </img>
+    "end_image_token_id",
 )
 
 

@@ -57,7 +57,7 @@ LORA_TARGET_REGEX = (
 )
 VISION_ATTENTION_REGEX = (
     r".*(vision_model|visual|vision_tower)\.(encoder\.layers|encoder\.layer|layers|blocks)\.\d+\."
-    r"(self_attn|attn|attention)\.(q_proj|k_proj|v_proj|out_proj|o_proj|qkv|proj)"
+    r"(self_attn|attn|attention)\.(q_proj|k_proj|v_proj|out_proj|o_proj|qkv|proj|projection_layer)"
 )
 # Module names whose linear layers map vision features into the text model ("vision" LoRA covers all of them).
 CONNECTOR_MARKERS = ("connector", "multi_modal_projector", "mm_projector", "merger")

@@ -7,6 +7,7 @@ the video part dropped (``image_only_processor``); videos are not supported by t
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def image_only_processor(processor_cls):
 
     ImageOnlyProcessor.__name__ = processor_cls.__name__
     ImageOnlyProcessor.__qualname__ = processor_cls.__qualname__
+    # the parent's signature, so that save_pretrained keeps its settings (InternVL's image_seq_length, ...)
+    params = inspect.signature(processor_cls.__init__).parameters.values()
+    signature = inspect.Signature([p for p in params if p.name != "video_processor"])
+    ImageOnlyProcessor.__init__.__signature__ = signature
     return ImageOnlyProcessor
 
 
@@ -43,7 +48,8 @@ def _processor_from_parts(path: str, model_type: str, trust_remote_code: bool):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     cfg_file = Path(path) / "processor_config.json"
-    cls_name = json.loads(cfg_file.read_text()).get("processor_class") if cfg_file.is_file() else None
+    saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    cls_name = saved.get("processor_class")
     if cls_name is None:
         from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
@@ -55,9 +61,10 @@ def _processor_from_parts(path: str, model_type: str, trust_remote_code: bool):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     template_file = Path(path) / "chat_template.jinja"
     template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
-    return image_only_processor(processor_cls)(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=template
-    )
+    rebuilt = image_only_processor(processor_cls)
+    parts = ("image_processor", "tokenizer", "video_processor", "chat_template")
+    settings = {k: v for k, v in saved.items() if k in inspect.signature(rebuilt).parameters and k not in parts}
+    return rebuilt(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **settings)
 
 
 def load_processor(path, trust_remote_code: bool = False):

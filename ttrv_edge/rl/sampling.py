@@ -200,7 +200,8 @@ def _pad_columns(parts: list[torch.Tensor], pad_id: int) -> torch.Tensor:
 def work_shape(vlm: LoadedVLM, inputs: dict, new_tokens: int) -> WorkShape:
     """The ``WorkShape`` of one prompt (for the memory planner)."""
     vision = getattr(base_model(vlm.model).config, "vision_config", None)
-    patch = int(getattr(vision, "patch_size", 0) or 0)
+    patch = getattr(vision, "patch_size", 0) or 0
+    patch = int(patch[0] if isinstance(patch, (list, tuple)) else patch)  # InternViT's is (height, width)
     temporal = int(getattr(vision, "temporal_patch_size", 1) or 1)
     return WorkShape.of(inputs, new_tokens, patch, temporal)
 

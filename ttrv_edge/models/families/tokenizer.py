@@ -70,6 +70,7 @@ def _build(spec: dict, words, template: str, padding_side: str):
     kwargs = {"unk_token": spec["unk"], "pad_token": spec["pad"], "eos_token": spec["eos"]}
     if spec["bos"]:
         kwargs["bos_token"] = spec["bos"]
+    kwargs.update(spec.get("named", {}))  # model-specific named tokens (InternVL's start_image_token, ...)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, **kwargs)
     fast.add_special_tokens({"additional_special_tokens": spec["extra"]})
     fast.padding_side = padding_side
