@@ -26,6 +26,7 @@ from rich.table import Table
 from .cli_options import config_options
 from .config import TTRVConfig
 from .demo.commands import register as register_demo_commands
+from .doctor import register as register_doctor_command
 from .export.commands import register as register_export_commands
 from .io.answers import DEFAULT_QUESTION, Question, describe_answer, option_text, parse_options, read_labels
 
@@ -251,6 +252,7 @@ def _describe(prediction: dict, choices: list[str] | None) -> str:
 
 register_demo_commands(app)  # demo-train, eval (ttrv_edge/demo/commands.py)
 register_export_commands(app)  # export, answer (ttrv_edge/export/commands.py)
+register_doctor_command(app)  # doctor (ttrv_edge/doctor/command.py)
 
 
 def _quiet_libraries() -> None:
