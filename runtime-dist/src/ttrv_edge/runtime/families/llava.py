@@ -1,0 +1,1 @@
+../../../../../ttrv_edge/runtime/families/llava.py
