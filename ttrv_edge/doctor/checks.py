@@ -15,7 +15,7 @@ import importlib.util
 import re
 from dataclasses import replace
 
-__all__ = ["PROBE_SIZES", "diagnose", "probe_image"]
+__all__ = ["PROBE_SIZES", "diagnose", "probe_image", "probe_sizes"]
 
 PROBE_SIZES = ((640, 480), (320, 320))
 """Probe images (width, height): image tokens are reported at the first; a second size of another aspect ratio
@@ -141,11 +141,16 @@ def _tiling(image_processor) -> str | None:
     return None
 
 
-def _image_tokens(vlm, config, question: str) -> tuple[dict, object, list[str]]:
+def probe_sizes(image_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``image_size`` (the reported one) and a second probe of another shape: 320x320, or 640x480 for a square."""
+    return (tuple(image_size), PROBE_SIZES[0] if image_size[0] == image_size[1] else PROBE_SIZES[1])
+
+
+def _image_tokens(vlm, config, question: str, sizes) -> tuple[dict, object, list[str]]:
     """Image tokens per image at each probe size, and the first probe's prompt inputs (None when prompts fail)."""
     token = _image_token_id(config, vlm.processor)
     counts, inputs = [], None
-    for size in PROBE_SIZES:
+    for size in sizes:
         try:
             batch = vlm.prompt_inputs(probe_image(size), question)
         except Exception as exc:  # noqa: BLE001 - a processor that cannot make a prompt is the finding
@@ -160,9 +165,9 @@ def _image_tokens(vlm, config, question: str) -> tuple[dict, object, list[str]]:
     report = {
         "token_id": token,
         "per_image": counts[0],
-        "probe_size": list(PROBE_SIZES[0]),
+        "probe_size": list(sizes[0]),
         "depends_on_size": len(set(counts)) > 1,
-        "at_sizes": {f"{w}x{h}": n for (w, h), n in zip(PROBE_SIZES, counts)},
+        "at_sizes": {f"{w}x{h}": n for (w, h), n in zip(sizes, counts)},
         "tiling": _tiling(getattr(vlm.processor, "image_processor", None)),
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
     }
@@ -198,7 +203,8 @@ def _costs_at(costs, base, dtype_bytes: int, lora_params: int):
     from ..memory import tensor_bytes
 
     floats = other = 0
-    for t in _unique(list(base.parameters()) + list(base.buffers())).values():
+    frozen = [p for name, p in base.named_parameters() if "lora_" not in name]  # LoRA is counted below, in fp32
+    for t in _unique(frozen + list(base.buffers())).values():
         if t.is_floating_point():
             floats += t.numel()
         else:
@@ -266,6 +272,7 @@ def diagnose(
     lora_rank: int = 8,
     gpu_budget: str = "6GB",
     trust_remote_code: bool = False,
+    image_size: tuple[int, int] = PROBE_SIZES[0],
 ) -> dict:
     """The doctor's report of ``model`` (a folder, a hub id, ``demo`` or ``tiny-<family>``) as a JSON-able dict.
 
@@ -277,8 +284,8 @@ def diagnose(
     from ..models import LoadedVLM
     from ..models.families import FAMILIES
 
-    if rollouts < 1 or max_new_tokens < 1 or lora_rank < 1:
-        raise ValueError("doctor: --rollouts, --max-new-tokens and --lora-rank must be >= 1")
+    if min(rollouts, max_new_tokens, lora_rank, *image_size) < 1:
+        raise ValueError("doctor: --rollouts, --max-new-tokens, --lora-rank and --image-size must be >= 1")
     baseline = PeakMeter("cpu").current()  # this process before the model loads (libraries, interpreter)
     path, config, base, processor = _load(model, trust_remote_code)
     vlm = LoadedVLM(base, processor, getattr(processor, "tokenizer", processor), model)
@@ -301,7 +308,9 @@ def diagnose(
         problems.append("the processor has no chat template")
         report["image_tokens"], inputs = None, None
     else:
-        report["image_tokens"], inputs, found = _image_tokens(vlm, config, Question(DEFAULT_QUESTION).prompt())
+        report["image_tokens"], inputs, found = _image_tokens(
+            vlm, config, Question(DEFAULT_QUESTION).prompt(), probe_sizes(image_size)
+        )
         problems += found
     report["estimate"] = (
         None

@@ -6,6 +6,7 @@ Registered on the main typer app by ``ttrv_edge.cli``; nothing heavy is imported
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Annotated
 
@@ -42,6 +43,13 @@ def _plan_text(plan: dict, where: str) -> str:
     return f"{format_bytes(plan['peak_bytes'])}, {verdict} {where} ({rows})"
 
 
+def _size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if match is None:
+        raise ValueError(f"doctor: --image-size must be WIDTHxHEIGHT, such as 640x480; got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def rows(report: dict) -> list[tuple[str, str]]:
     """(check, finding) rows of the table."""
     from ..memory import format_bytes
@@ -70,6 +78,8 @@ def rows(report: dict) -> list[tuple[str, str]]:
         text = f"{image['per_image']} at {w}x{h}"
         if not image["depends_on_size"]:
             text = f"{image['per_image']} (the same at {' and '.join(image['at_sizes'])})"
+            if image["tiling"]:
+                text += f"; {image['tiling']} is on: other image sizes may differ"
         else:
             others = ", ".join(f"{n} at {size}" for size, n in image["at_sizes"].items() if size != f"{w}x{h}")
             text += f"; depends on the image size ({image['tiling'] or 'processor resizing'}): {others}"
@@ -120,6 +130,9 @@ def doctor_command(
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow the model folder's own Python code to run. Only for models you trust.")
     ] = False,
+    image_size: Annotated[
+        str, typer.Option(help="WIDTHxHEIGHT of the probe image the image tokens and the estimate are for.")
+    ] = "640x480",
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON document.")] = False,
 ) -> None:
     """Check a model without adapting it: what ttrv-edge makes of its family, parameters, processor and memory.
@@ -132,8 +145,9 @@ def doctor_command(
       decoder, lm_head), tied weights counted once;
     - LoRA targets: the modules --lora-targets language and --lora-targets vision put LoRA on, and the LoRA
       parameters at --lora-rank;
-    - image tokens per image: counted in the prompt the processor builds for a 640x480 probe image at its saved
-      settings; where splitting, tiles or dynamic resolution make it depend on the image, also for a 320x320 one;
+    - image tokens per image: counted in the prompt the processor builds for a probe image (--image-size, 640x480)
+      at its saved settings; where splitting, tiles or dynamic resolution make it depend on the image, also for a
+      probe of another shape (320x320; 640x480 when --image-size is a square);
     - chat template: whether the processor has one (adapt needs it to build prompts);
     - generation config ignored / modelled: the checkpoint's generation settings ttrv-edge drops (repetition
       penalty, top-k/top-p, ...: the loss could not score them) and the ones it applies (EOS, suppressed tokens);
@@ -152,6 +166,7 @@ def doctor_command(
         lora_rank=lora_rank,
         gpu_budget=gpu_budget,
         trust_remote_code=trust_remote_code,
+        image_size=_size(image_size),
     )
     if json_output:
         sys.stdout.write(json.dumps(report) + "\n")
