@@ -143,6 +143,9 @@ PLACEHOLDER_ATTRS = (
     "start_image_token_id",  # InternVL's <img> and </img>
     "end_image_token_id",
 )
+PLACEHOLDER_TOKEN_ATTRS = ("fake_image_token", "global_image_token")
+"""Processor attributes that name image-marker tokens without an id attribute beside them (SmolVLM2's)."""
+ROW_COL_TOKEN = re.compile(r"<row_\d+_col_\d+>")  # crop markers of split images (SmolVLM2 keeps no row_col_ids)
 
 
 # Generation-config fields that add a logits processor or warper, with the value at which they do nothing. ttrv-edge
@@ -215,6 +218,9 @@ def _suppress_ids(config, processor, tokenizer, eos_ids: list[int]) -> list[int]
         for attr in PLACEHOLDER_ATTRS:
             found.append(getattr(source, attr, None))
     found.extend(getattr(processor, "row_col_ids", None) or [])
+    named = [getattr(processor, attr, None) for attr in PLACEHOLDER_TOKEN_ATTRS]
+    named += [token for token in tokenizer.all_special_tokens if ROW_COL_TOKEN.fullmatch(token)]
+    found.extend(tokenizer.convert_tokens_to_ids(token) for token in named if isinstance(token, str))
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in eos_ids:
         found.append(tokenizer.pad_token_id)
     vocab = _text_vocab_size(config, tokenizer)

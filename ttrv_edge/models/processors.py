@@ -29,10 +29,18 @@ def image_only_processor(processor_cls):
 
     class ImageOnlyProcessor(processor_cls):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            if "video_processor" in inspect.signature(processor_cls.__init__).parameters:
+                kwargs.setdefault("video_processor", None)  # SmolVLM2's is a required argument
             super().__init__(
                 image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
             )
             self.video_processor = None
+
+        def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+            """The common chat templating: SmolVLM2's override reads frame settings from the dropped video half."""
+            from transformers.processing_utils import ProcessorMixin
+
+            return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
     ImageOnlyProcessor.__name__ = processor_cls.__name__
     ImageOnlyProcessor.__qualname__ = processor_cls.__qualname__
