@@ -13,11 +13,17 @@ ones fixed when the model loads (``LOAD_TIME_OPTIONS``). ``adapt_dataset`` takes
 ``{"image", "question", "choices"}`` (also ``"labels"``, ``"numeric"``), as the JSONL files of the CLI. A saved
 adapter folder records the base model as the caller named it ("demo", a hub id, a local folder's name) and carries
 a README.md model card. The work itself is done by ``rl.loop.AdaptationLoop`` (``loop``).
+
+Under ``torch.distributed`` (every rank runs the same script, e.g. under torchrun) ``adapt_dataset`` is
+data-parallel (``rl/distributed.py``): every rank must pass the same items; each returns every result, in input
+order; an item that fails on any rank is skipped on all; ``save_adapter`` writes on rank 0 only. ``adapt`` (episodic,
+one image) refuses to run with more than one rank.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +38,7 @@ from .io.checkpoints import check_adapter_dir, save_adapter, verify_adapter_load
 from .io.images import display_name, load_image
 from .io.inputs import Item, SkippedItem
 from .models.loading import LoadedVLM, load_vlm
+from .rl import distributed
 from .rl.loop import AdaptationLoop
 from .rl.records import ItemResult, Prediction, PreparedItem, item_seed
 
@@ -116,9 +123,11 @@ class TTRVModel:
 
         ``model`` is a local folder, a hub id, "demo" (the bundled demo model) or "tiny" (a tiny random VLM).
 
-        ``options`` are TTRVConfig fields (``rollouts=16``, ``lr=1e-4`` ...) applied on top of ``config``.
+        ``options`` are TTRVConfig fields (``rollouts=16``, ``lr=1e-4`` ...) applied on top of ``config``. Under
+        torchrun with CUDA, ``device`` defaults to ``cuda:LOCAL_RANK``.
         """
         config = dataclasses.replace(config or TTRVConfig(), **options)
+        device = device if device is not None else distributed.device_for(distributed.launch_from_env())
         vlm = _load_checked(model, config, adapter, trust_remote_code, device)
         return cls(vlm, config)
 
@@ -171,6 +180,11 @@ class TTRVModel:
         and the same calls repeats them exactly). ``save_to``: save the adapted LoRA weights there before the reset.
         ``options``: TTRVConfig fields for this call only (``keep=True``, ``steps=5`` ...).
         """
+        if distributed.current().enabled:
+            raise distributed.SharedError(
+                "episodic adaptation (one image) runs in one process; under torchrun give a folder or JSONL "
+                "(transductive), or run without torchrun"
+            )
         item = self._prepare(image, make_question(question, choices, labels, numeric))
         with self._options(options) as config:
             self._mode = "episodic"
@@ -201,15 +215,24 @@ class TTRVModel:
         ``run_info`` afterwards tells what the guards did (collapse, non-finite steps) and whether it resumed.
         Items are ``Item``s or dicts {"image", "question", "choices"}; ``options``: TTRVConfig fields for this call.
         """
-        prepared = []
-        for entry in items:
+        group = distributed.current()
+        prepared, failed, labels = [], {}, []
+        for index, entry in enumerate(items):
             image, question, label = as_item(entry)
+            labels.append(f"{label}\n{question.text}")
             try:
-                prepared.append(self._prepare(image, question, label))
+                prepared.append((index, self._prepare(image, question, label)))
             except ValueError as error:
-                if skipped is None:
+                if skipped is None and not group.enabled:
                     raise
-                skipped.append(SkippedItem(label, str(error)))
+                failed[index] = SkippedItem(label, str(error))
+        if group.enabled:  # the ranks agree on the items, so that they keep one schedule
+            failed = _failed_anywhere(group, failed, labels)
+            if failed and skipped is None:
+                raise distributed.SharedError(failed[min(failed)].reason)
+        if skipped is not None:
+            skipped.extend(failed[i] for i in sorted(failed))
+        prepared = [item for index, item in prepared if index not in failed]
         if not prepared:
             raise ValueError("adapt_dataset: no usable items" + (f" ({skipped[0].reason})" if skipped else ""))
         checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -232,10 +255,13 @@ class TTRVModel:
         self._loop.reset()
 
     def save_adapter(self, directory: str | Path) -> Path:
-        """Save the current LoRA weights (safetensors), adapter config and a README.md model card to ``directory``."""
+        """Save the current LoRA weights (safetensors), adapter config and a README.md model card to ``directory``
+        (under ``torch.distributed``: rank 0 alone writes; every rank holds the same weights)."""
         return self._save(Path(directory), self.config)
 
     def _save(self, directory: Path, config: TTRVConfig) -> Path:
+        if not distributed.current().is_main:
+            return directory
         peft_config = next(iter(getattr(self.vlm.model, "peft_config", {}).values()), None)
         lora = peft_config.to_dict() if peft_config is not None else {}
         card = model_card(self.base_model, config.to_dict(), lora, self._mode, directory)
@@ -253,6 +279,30 @@ class TTRVModel:
     def loop(self) -> AdaptationLoop:
         """The adaptation loop behind this model, for code that drives single steps (the demo benchmark)."""
         return self._loop
+
+
+def _failed_anywhere(group: distributed.Group, failed: dict[int, SkippedItem], inputs: list[str]) -> dict:
+    """Every rank's unusable items (input index -> why), the reason of the lowest rank that failed; a reason says
+    which ranks failed when not all did (a file that differs between nodes). ``inputs`` (what this rank was given)
+    must agree across the ranks, else SharedError."""
+    merged: dict[int, tuple[SkippedItem, list[int]]] = {}
+    digest = hashlib.sha256("\n".join(inputs).encode("utf-8", "surrogateescape")).hexdigest()
+    everything = group.gather([(failed, len(inputs), digest)])
+    if len({(count, digest) for _, count, digest in everything}) > 1:
+        raise distributed.SharedError("adapt_dataset: every rank must be given the same items, in the same order")
+    for rank, (failures, _, _) in enumerate(everything):
+        for index, bad in failures.items():
+            merged.setdefault(index, (bad, []))[1].append(rank)
+    return {
+        index: bad
+        if len(ranks) == group.world_size
+        else SkippedItem(bad.image, f"{bad.reason} (on rank {_ranks(ranks)})")
+        for index, (bad, ranks) in merged.items()
+    }
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"{ranks[0]} only" if len(ranks) == 1 else "s " + ", ".join(map(str, ranks))
 
 
 def _load_checked(model: str, config: TTRVConfig, adapter: str | None, trust_remote_code: bool, device) -> LoadedVLM:

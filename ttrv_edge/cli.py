@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -145,32 +146,51 @@ def adapt(
     from .io.adapter_dirs import check_out_dir
     from .io.images import load_image
     from .io.inputs import collect_items
+    from .rl import distributed
 
     skipped: list = []
     mode, items = collect_items(source, default_question, skipped, allow_outside_root)
+    launch = distributed.launch_from_env()  # torchrun / accelerate launch: data-parallel (rl/distributed.py)
+    if launch is not None and mode == "episodic":
+        raise distributed.SharedError(
+            "episodic mode (one image) runs in one process; under torchrun give a folder or a JSONL file "
+            "(transductive), or run `ttrv-edge adapt IMAGE` without torchrun"
+        )
     if mode == "episodic":
         load_image(items[0].image)  # a bad image fails before the model loads
     if mode == "episodic" and checkpoint_dir is not None:
         raise ValueError("--checkpoint-dir: only folder and JSONL runs (transductive mode) are checkpointed")
     replacing = check_out_dir(out, overwrite)  # before the model loads, too
-    with stderr.status(f"loading {model}", spinner="dots"):
-        ttrv = TTRVModel.from_pretrained(
-            model, config, adapter=str(adapter) if adapter else None, trust_remote_code=trust_remote_code
-        )
-    with _progress() as bar:
-        task = bar.add_task(f"TTRV {mode}", total=ttrv.work_units(mode, len(items)))
-        advance = lambda n: bar.advance(task, n)  # noqa: E731
-        if mode == "episodic":
-            asked = items[0].question
-            result = ttrv.adapt(
-                items[0].image, asked.text, asked.choices, asked.labels, asked.numeric, progress=advance, save_to=out
+    with distributed.joined(launch) as group:
+        main_rank = group.is_main  # rank 0 alone shows progress, writes the adapter and prints the results
+        with stderr.status(f"loading {model}", spinner="dots") if main_rank else nullcontext():
+            ttrv = TTRVModel.from_pretrained(
+                model, config, adapter=str(adapter) if adapter else None, trust_remote_code=trust_remote_code
             )
-            results = [result]
-        else:
-            results = ttrv.adapt_dataset(
-                items, progress=advance, skipped=skipped, checkpoint_dir=checkpoint_dir, resume=resume
-            )
-            ttrv.save_adapter(out)
+        with _progress(main_rank) as bar:
+            task = bar.add_task(f"TTRV {mode}", total=ttrv.work_units(mode, len(items)))
+            advance = lambda n: bar.advance(task, n)  # noqa: E731
+            if mode == "episodic":
+                asked = items[0].question
+                result = ttrv.adapt(
+                    items[0].image,
+                    asked.text,
+                    asked.choices,
+                    asked.labels,
+                    asked.numeric,
+                    progress=advance,
+                    save_to=out,
+                )
+                results = [result]
+            else:
+                results = ttrv.adapt_dataset(
+                    items, progress=advance, skipped=skipped, checkpoint_dir=checkpoint_dir, resume=resume
+                )
+                ttrv.save_adapter(out)
+        memory = ttrv.memory_report()  # ttrv_edge/memory/planner.py
+        peaks = group.gather([memory["peak_memory_bytes"]])  # the planner works per rank
+    if not main_rank:
+        return
     for bad in skipped:
         stderr.print(f"skipped: {bad.reason}", markup=False, highlight=False, soft_wrap=True)
     if question is None:  # said after the run, so that a user error stays the only line on stderr
@@ -184,13 +204,14 @@ def adapt(
         "adapter_dir": str(out),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    memory = ttrv.memory_report()  # ttrv_edge/memory/planner.py
     report["peak_memory_bytes"] = memory["peak_memory_bytes"]
     report["micro_batches"] = {"sample": memory["sample_micro_batch"], "train": memory["train_micro_batch"]}
     report["memory"] = memory
     if mode == "transductive":
         report["skipped"] = [bad.to_dict() for bad in skipped]
         report["run"] = ttrv.run_info
+    if group.enabled:
+        report["run"]["distributed"]["peak_memory_bytes_per_rank"] = peaks
     if json_output:
         sys.stdout.write(json.dumps(report) + "\n")
     else:
@@ -217,7 +238,7 @@ def _with_answer_text(item: dict) -> dict:
     return item
 
 
-def _progress() -> Progress:
+def _progress(shown: bool = True) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -225,6 +246,7 @@ def _progress() -> Progress:
         TimeElapsedColumn(),
         console=stderr,
         transient=True,
+        disable=not shown,
     )
 
 
@@ -308,9 +330,19 @@ def main(argv: list[str] | None = None) -> int:
         stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except ValueError as error:
-        stderr.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        _say_error(error)
         return EXIT_USAGE
     return code if isinstance(code, int) else 0
+
+
+def _say_error(error: ValueError) -> None:
+    """``error: ...`` on stderr. Under torchrun (RANK > 0) an error every rank raises alike (``SharedError``) is left
+    to rank 0, and any other names its rank."""
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") else "0"
+    if rank != "0" and type(error).__name__ == "SharedError":
+        return
+    where = f"rank {rank}: " if rank != "0" else ""
+    stderr.print(f"error: {where}{error}", markup=False, highlight=False, soft_wrap=True)
 
 
 def entry_point() -> None:

@@ -18,7 +18,9 @@
   hyper-parameters as JSON metadata) of the last step and of the guard's best snapshot.
   Tensor files carry the step in their name and are written before ``progress.json`` points at them, so an
   interruption at any moment leaves the previous consistent checkpoint. The sampling order and seeds are functions of
-  ``seed`` and the step, so resuming replays them instead of storing RNG states.
+  ``seed`` and the step, so resuming replays them instead of storing RNG states. A data-parallel run
+  (``rl/distributed.py``) has rank 0 save and load the folder and send the state to the other ranks, so only rank 0
+  needs it; the world size is not part of a run's options, and a P=2 run may be resumed with P=1 or P=4.
 """
 
 from __future__ import annotations
@@ -270,13 +272,15 @@ def load_snapshot(path: Path, what: str) -> Snapshot:
 
 @dataclass
 class ResumeState:
-    """What a checkpoint holds: where to continue, the results so far and the guard's state."""
+    """What a checkpoint holds: where to continue, the results so far, the guard's state and (``weights``) the LoRA
+    weights and optimizer state it continues from, for ranks that did not read the folder themselves."""
 
     next_step: int
     stopped: bool
     results: list[dict]
     guard: dict
     best: Snapshot | None
+    weights: Snapshot | None = None
 
 
 class RunCheckpoint:
@@ -360,6 +364,7 @@ class RunCheckpoint:
             results=progress["results"],
             guard=progress["guard"],
             best=best,
+            weights=snapshot,
         )
 
     def _check_same_run(self, progress: dict) -> None:

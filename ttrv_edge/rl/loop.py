@@ -13,7 +13,11 @@ Deviations from the paper, and why:
   what the model says (answers per question, output texts, whether rollouts still end, sharpening) and stops and
   rolls back when it collapses (the failure the paper reports after long adaptation); a transductive run can be
   checkpointed and resumed to the same LoRA weights. The update itself (rewards, loss, the NaN/Inf guard) is
-  ``update.py``.
+  ``update.py``;
+- not in the paper, for sets that outgrow one device: under ``torch.distributed`` (torchrun) a transductive run is
+  data-parallel (``distributed.py``): each rank samples and trains on its block of every step and answers its block
+  of the inputs, the results are gathered in input order, every rank takes the same optimizer steps and guard
+  decisions, and rank 0 alone writes checkpoints. Episodic runs stay single-process.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from ..io.answers import Question, answer_distribution, majority_answer
 from ..io.checkpoints import RunCheckpoint, save_adapter
 from ..memory.planner import MemoryPlanner
 from ..models.loading import LoadedVLM
-from ..models.lora import load_lora_state, lora_state, take_snapshot
+from ..models.lora import load_lora_state, lora_state, restore_snapshot, take_snapshot
 from ..models.quantize import check_loaded
+from . import distributed
 from .diversity import ended_flags, observe
 from .guards import CollapseGuard
 from .records import ItemResult, Prediction, PreparedItem, Progress, StepRecord, UpdateOutcome, consensus_of, item_seed
@@ -131,13 +136,15 @@ class AdaptationLoop:
     def update(self, groups: list[tuple[Rollouts, list[str | None]]]) -> UpdateOutcome:
         """One GRPO update on the sampled groups (``rl/update.py``: rewards -> reference log-probs -> backward over
         micro-batches -> guarded optimizer step)."""
-        return grpo_update(self.vlm, self.optimizer, self.memory, self.config, groups)
+        return grpo_update(self.vlm, self.optimizer, self.memory, self.config, groups, distributed.current())
 
     def step(self, items: list[PreparedItem], step: int, seed: int) -> StepRecord:
-        """Sample every item's rollouts, then one update on all of them."""
+        """Sample every item's rollouts, then one update on all of them (under ``torch.distributed``: this rank's
+        contiguous block of ``items``, each seeded by its position in the step, and one update across the ranks)."""
         start = time.perf_counter()
-        groups = [self.sample(item, item_seed(seed, i)) for i, item in enumerate(items)]
-        consensus = sum(consensus_of(a) for _, a in groups) / len(groups)
+        group = distributed.current()
+        groups = [self.sample(items[i], item_seed(seed, i)) for i in group.shard(len(items))]
+        consensus = group.mean([consensus_of(a) for _, a in groups])
         outcome = self.update(groups)
         return outcome.record(step, consensus, time.perf_counter() - start)
 
@@ -205,19 +212,23 @@ class AdaptationLoop:
         checkpointed every ``checkpoint_every`` steps, and ``resume=True`` continues from the checkpoint there (a
         fresh start when there is none); the resumed run ends with the same LoRA weights as an uninterrupted one.
         ``self.last_run`` reports the update budget, the guard's checks, any collapse (the signals that fired and the
-        statistics), the skipped (non-finite) steps and where the run resumed.
+        statistics), the skipped (non-finite) steps and where the run resumed. Under ``torch.distributed`` every rank
+        calls this with the same items; rank 0 alone reads and writes the checkpoint (module docstring).
         """
         cfg = self.config
+        group = distributed.current()
         self._set_lr("transductive")
         total = cfg.transductive_updates(len(items))
         store = RunCheckpoint(checkpoint_dir, cfg, [item.label for item in items]) if checkpoint_dir else None
         if store is not None and not resume:
-            store.require_fresh()
+            group.from_main(store.require_fresh)
         resumed = None
-        if store is not None and resume and store.exists():
-            resumed = store.load(self.vlm.model, self.optimizer)
+        if store is not None and resume:
+            resumed = group.from_main(lambda: store.load(self.vlm.model, self.optimizer) if store.exists() else None)
+            if resumed is not None and not group.is_main:  # rank 0 loaded it; the others take its weights
+                restore_snapshot(self.vlm.model, self.optimizer, resumed.weights)
         if resumed is None:
-            results = [self._answer_before(item, i, progress) for i, item in enumerate(items)]
+            results = self._each(items, lambda i: self._answer_before(items[i], i), progress)
             start = take_snapshot(self.vlm.model, self.optimizer) if cfg.collapse_guard else None
             guard = CollapseGuard(cfg, start)
             self._check_collapse(guard, items, 0, total)  # the reference statistics, before any update
@@ -236,14 +247,14 @@ class AdaptationLoop:
                 for i in batch.indices:
                     results[i].steps.append(record)
                 stopped = self._check_collapse(guard, items, batch.step + 1, total)
-                if store is not None and (stopped or (batch.step + 1) % cfg.checkpoint_every == 0):
+                due = stopped or (batch.step + 1) % cfg.checkpoint_every == 0
+                if store is not None and group.is_main and due:
                     store.save(self.vlm.model, self.optimizer, batch.step + 1, results, guard, stopped)
             if progress:
                 progress(len(batch.indices))
-        for i, item in enumerate(items):
-            results[i].after = self.predict(item, item_seed(cfg.seed, 2, i))
-            if progress:
-                progress(1)
+        after = self._each(items, lambda i: self.predict(items[i], item_seed(cfg.seed, 2, i)), progress)
+        for result, prediction in zip(results, after):
+            result.after = prediction
         self.last_run = {
             **guard.report(),
             "update_budget": total,
@@ -252,12 +263,27 @@ class AdaptationLoop:
             "resumed_from_step": first if resumed is not None else None,
             "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
         }
+        if group.enabled:
+            self.last_run["distributed"] = group.report()
         return results
 
-    def _answer_before(self, item: PreparedItem, index: int, progress: Progress | None) -> ItemResult:
+    @staticmethod
+    def _each(items: list[PreparedItem], answer, progress: Progress | None) -> list:
+        """``answer(i)`` for every input, in input order; under ``torch.distributed`` each rank answers its
+        contiguous block and every rank gets all the answers."""
+        group = distributed.current()
+        mine = []
+        for i in group.shard(len(items)):
+            mine.append(answer(i))
+            if progress:
+                progress(1)
+        everything = group.gather(mine)
+        if progress and len(everything) > len(mine):
+            progress(len(everything) - len(mine))
+        return everything
+
+    def _answer_before(self, item: PreparedItem, index: int) -> ItemResult:
         before = self.predict(item, item_seed(self.config.seed, 0, index))
-        if progress:
-            progress(1)
         return ItemResult(item.label, item.question.text, _choices(item.question), before=before)
 
     def _check_collapse(self, guard: CollapseGuard, items: list[PreparedItem], steps_done: int, total: int) -> bool:
@@ -265,17 +291,22 @@ class AdaptationLoop:
         (answers, texts, EOS); on collapse roll back to its best snapshot and say to stop."""
         if not self.config.collapse_guard or not guard.due(steps_done, total):
             return False
-        observations = []
-        for i in guard.inputs(len(items)):
-            sampled, answers = self.sample(items[i], item_seed(self.config.seed, 5, steps_done, i))
-            groups = sampled if isinstance(sampled, list) else [sampled]  # one Rollouts per view
-            eos = self.vlm.eos_token_ids
-            ended = [e for r in groups for e in ended_flags(r.completion_ids, r.completion_mask, eos)]
-            observations.append(observe(items[i].question, [t for r in groups for t in r.texts], answers, ended))
+        checked = guard.inputs(len(items))
+        group = distributed.current()  # each rank samples its block of the checked inputs; every rank judges them all
+        observations = group.gather(
+            [self._observe(items[checked[j]], steps_done, checked[j]) for j in group.shard(len(checked))]
+        )
         if not guard.check(steps_done, observations, self.vlm.model, self.optimizer).collapsed:
             return False
         guard.roll_back(steps_done, self.vlm.model, self.optimizer)
         return True
+
+    def _observe(self, item: PreparedItem, steps_done: int, index: int):
+        """What one checked input's N rollouts say with the current LoRA weights (answers, texts, EOS)."""
+        sampled, answers = self.sample(item, item_seed(self.config.seed, 5, steps_done, index))
+        groups = sampled if isinstance(sampled, list) else [sampled]  # one Rollouts per view
+        ended = [e for r in groups for e in ended_flags(r.completion_ids, r.completion_mask, self.vlm.eos_token_ids)]
+        return observe(item.question, [t for r in groups for t in r.texts], answers, ended)
 
     def memory_report(self) -> dict:
         """What the memory planner measured and chose so far (``MemoryPlanner.report``)."""

@@ -67,6 +67,7 @@ def grpo_backward(
     old_logp: list[torch.Tensor] | None = None,
     ref_logp: list[torch.Tensor] | None = None,
     fused: bool = True,
+    normalizer: float | None = None,
 ) -> tuple[float, list[torch.Tensor]]:
     """Backward of the clipped GRPO loss over ``groups``, ``micro_batch`` rollouts per forward, into ``.grad``.
 
@@ -75,9 +76,11 @@ def grpo_backward(
     once, so its activations are freed before the next one: the accumulated gradient is that of the one-batch loss.
     ``config`` supplies temperature, eps_low/eps_high, beta, aggregation and backend. ``old_logp`` None means the
     current policy (ratio 1). The caller zeroes the gradients first. Returns the loss value and the detached
-    log-probs [N, T] per group (0 at masked tokens).
+    log-probs [N, T] per group (0 at masked tokens). ``normalizer``: the denominator when ``groups`` are one rank's
+    share of a larger batch (``rl/distributed.py``: the all-reduced ``batch_normalizer``); None: ``groups``' own.
     """
-    normalizer = batch_normalizer(groups, config.aggregation)
+    if normalizer is None:
+        normalizer = batch_normalizer(groups, config.aggregation)
     total = 0.0
     logps = []
     for g, rollouts in enumerate(groups):
@@ -93,7 +96,7 @@ def grpo_backward(
                 loss.backward()
                 total += float(loss.detach())
             else:
-                weight = loss_weight(part, groups, config.aggregation)
+                weight = batch_normalizer([part], config.aggregation) / normalizer if normalizer else 0.0
                 logp, _ = completion_logprobs(vlm, part, temperature=config.temperature, backend=config.backend)
                 loss, _ = kernels.grpo_loss(
                     logp,

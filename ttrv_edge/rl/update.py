@@ -4,7 +4,10 @@ Deviations from the paper, and why:
 - a group whose rewards are all equal is skipped, not trained on with zero advantages: the loss and gradient
   would be exactly zero anyway, and skipping saves the backward pass;
 - not in the paper, for unattended runs (``guards.py``): an update with a NaN/Inf loss, gradient or weight is undone
-  (the LoRA weights and optimizer state are restored from a snapshot) and recorded as skipped.
+  (the LoRA weights and optimizer state are restored from a snapshot) and recorded as skipped;
+- under ``torch.distributed`` (``distributed.py``) each rank trains on its share of the step's groups: the token
+  count, the "any informative group" decision, the batch baseline's rewards, the gradients and the loss are
+  all-reduced, so every rank takes the same step (a rank with no group that step still joins every collective).
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 import torch
 
 from ..config import TTRVConfig
+from ..kernels.reference import group_advantages
 from ..memory.backoff import run_with_backoff
 from ..memory.planner import MemoryPlanner
 from ..models.loading import LoadedVLM
 from ..models.lora import restore_snapshot, take_snapshot
+from .distributed import SINGLE, Group
 from .guards import NONFINITE_WEIGHTS, all_finite, nonfinite_reason
-from .loss import grpo_backward, logprob_gap, train_shape
+from .loss import batch_normalizer, grpo_backward, logprob_gap, train_shape
 from .records import UpdateOutcome
 from .rewards import compute_rewards
 from .sampling import Rollouts
@@ -32,6 +37,7 @@ def grpo_update(
     memory: MemoryPlanner,
     config: TTRVConfig,
     groups: list[tuple[Rollouts | list[Rollouts], list[str | None]]],
+    group: Group = SINGLE,
 ) -> UpdateOutcome:
     """One GRPO update on the sampled groups, as a straight recipe: rewards -> reference log-probs -> backward over
     micro-batches -> guarded optimizer step (repeated ``inner_updates`` times).
@@ -47,13 +53,14 @@ def grpo_update(
     update; an out-of-memory error halves the micro-batch and redoes the pass (``run_with_backoff``). The base
     model stays in eval mode: its dropout (vision tower included) must not differ from the sampler's.
     ``skip_nonfinite``: a NaN/Inf loss, gradient or weight restores the LoRA weights and optimizer state from
-    before the update, and the outcome says why.
+    before the update, and the outcome says why. ``group``: under ``torch.distributed``, ``groups`` are this rank's
+    share of the step (possibly none) and the outcome is the whole step's, the same on every rank.
     """
     cfg = config
     views = [list(r) if isinstance(r, (list, tuple)) else [r] for r, _ in groups]  # each group's rollouts, per view
-    rollouts = [v for group in views for v in group]
-    shape = train_shape(vlm, rollouts)
-    size = memory.micro_batch("train", max(r.num for r in rollouts), shape)
+    rollouts = [v for item in views for v in item]
+    shape = train_shape(vlm, rollouts) if rollouts else None
+    size = memory.micro_batch("train", max(r.num for r in rollouts), shape) if rollouts else 1
 
     def with_backoff(attempt, size: int):
         """``attempt(size)`` measured as the "train" phase, halving ``size`` on out-of-memory; (result, size)."""
@@ -65,31 +72,37 @@ def grpo_update(
     # 1. rewards and advantages over each input's pooled rollouts (all its views), then split back per view
     # (self-certainty needs every rollout's token entropy first: a no-grad pass)
     old = token_entropy = None
-    if cfg.entropy_signal == "self-certainty":
+    if cfg.entropy_signal == "self-certainty" and rollouts:
         scored, size = with_backoff(lambda n: [score(r, n) for r in rollouts], size)
         old = [logp for logp, _ in scored]
         per_view = [_mean_over_tokens(e, r.completion_mask) for (_, e), r in zip(scored, rollouts)]
         token_entropy = torch.stack([torch.cat(per_view[a:b]) for a, b in _spans(views)])
-    rewards = compute_rewards(
-        [a for _, a in groups],
-        reward=cfg.reward,
-        alpha=cfg.alpha,
-        entropy_signal=cfg.entropy_signal,
-        token_entropy=token_entropy,
-        baseline=cfg.baseline,
-        gate_share=cfg.gate_share,
-        gate_margin=cfg.gate_margin,
-        device=vlm.device,
+    rewards = (
+        compute_rewards(
+            [a for _, a in groups],
+            reward=cfg.reward,
+            alpha=cfg.alpha,
+            entropy_signal=cfg.entropy_signal,
+            token_entropy=token_entropy,
+            baseline=cfg.baseline,
+            gate_share=cfg.gate_share,
+            gate_margin=cfg.gate_margin,
+            device=vlm.device,
+        )
+        if groups
+        else None
     )
-    outcome = UpdateOutcome(None, float(rewards.rewards.mean()), rewards.answer_entropy.tolist())
-    view_advantages = [
-        row for g, group in enumerate(views) for row in rewards.advantages[g].split([r.num for r in group])
-    ]
-    signal = [bool(rewards.advantages[g].abs().max() > 0) for g, group in enumerate(views) for _ in group]
+    outcome, advantages_of = _step_rewards(rewards, cfg.baseline, group)
+    view_advantages = [row for g, item in enumerate(views) for row in advantages_of[g].split([r.num for r in item])]
+    signal = [bool(advantages_of[g].abs().max() > 0) for g, item in enumerate(views) for _ in item]
     informative = [i for i, r in enumerate(rollouts) if signal[i] and bool(r.completion_mask.any())]
-    if not informative:
-        return outcome
     train = [rollouts[i] for i in informative]
+    # the step's token count (one rank's share divides by the whole step's) and whether any rank trains
+    normalizer, trained = None, len(train)
+    if group.enabled:
+        normalizer, trained = group.sum([batch_normalizer(train, cfg.aggregation), len(train)])
+    if not trained:
+        return outcome
     advantages = [view_advantages[i] for i in informative]
     old = None if old is None else [old[i] for i in informative]
     # 2. reference log-probs: the same model with the adapter disabled
@@ -104,11 +117,18 @@ def grpo_update(
 
         def backward_pass(n: int, old=old):
             optimizer.zero_grad(set_to_none=True)  # a retry after an OOM starts from clean gradients
-            return grpo_backward(vlm, train, advantages, cfg, n, old_logp=old, ref_logp=refs)
+            return grpo_backward(vlm, train, advantages, cfg, n, old_logp=old, ref_logp=refs, normalizer=normalizer)
 
-        (loss, logps), size = with_backoff(backward_pass, size)
+        if train:
+            (loss, logps), size = with_backoff(backward_pass, size)
+        else:  # another rank trains: this one adds nothing to the sum, but joins it
+            optimizer.zero_grad(set_to_none=True)
+            loss, logps = 0.0, []
+        if group.enabled:
+            group.all_reduce_grads(params)
+            loss = group.sum([loss])[0]
         if outcome.logprob_gap is None:
-            outcome.logprob_gap = logprob_gap(train, logps)
+            outcome.logprob_gap = group.max_or_none(logprob_gap(train, logps))
         old = old if old is not None else logps
         outcome.skipped = nonfinite_reason(loss, params) if snapshot is not None else None
         if outcome.skipped is None:
@@ -122,6 +142,26 @@ def grpo_update(
             return outcome
         outcome.loss = loss
     return outcome
+
+
+def _step_rewards(rewards, baseline: str, group: Group) -> tuple[UpdateOutcome, torch.Tensor]:
+    """The outcome's mean reward and answer entropies for the whole step, and this rank's advantages [G_r, N]
+    (with ``baseline="batch"`` normalised over every rank's rewards). Under ``torch.distributed`` every rank's
+    rewards are gathered (a few numbers per input), so both come out exactly as one process computes them."""
+    if not group.enabled:
+        return UpdateOutcome(None, float(rewards.rewards.mean()), rewards.answer_entropy.tolist()), rewards.advantages
+    mine = (rewards.rewards.detach().cpu(), rewards.answer_entropy.tolist()) if rewards is not None else None
+    parts = group.gather([mine])
+    device = rewards.rewards.device if rewards is not None else "cpu"
+    everything = torch.cat([r for r, _ in filter(None, parts)]).to(device)
+    outcome = UpdateOutcome(None, float(everything.mean()), [e for _, ents in filter(None, parts) for e in ents])
+    if rewards is None:
+        return outcome, torch.zeros(0)
+    if baseline != "batch":
+        return outcome, rewards.advantages
+    start = sum(len(r) for r, _ in filter(None, parts[: group.rank]))
+    advantages = group_advantages(everything.reshape(1, -1)).reshape(everything.shape)
+    return outcome, advantages[start : start + len(rewards.rewards)]
 
 
 def _spans(views: list[list[Rollouts]]) -> list[tuple[int, int]]:
