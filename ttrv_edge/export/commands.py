@@ -98,6 +98,7 @@ def answer_command(
         labels=read_labels(labels),
         numeric=numeric,
     )
+    image = image[0] if len(image) == 1 else image
     report = answer_report(onnx, image, asked, int8=int8, max_new_tokens=max_new_tokens, threads=threads)
     if question is None:  # after answering, so that a user error stays the only line on stderr
         stderr.print(f"no --question given: asked {DEFAULT_QUESTION!r}", markup=False, highlight=False)

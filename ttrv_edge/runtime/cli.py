@@ -70,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import answer_report
 
         report = answer_report(
-            args.onnx, args.image, question, int8=args.int8, max_new_tokens=args.max_new_tokens, threads=args.threads
+            args.onnx,
+            args.image[0] if len(args.image) == 1 else args.image,
+            question,
+            int8=args.int8,
+            max_new_tokens=args.max_new_tokens,
+            threads=args.threads,
         )
     except SystemExit as done:  # --help and --version
         return done.code if isinstance(done.code, int) else 0
