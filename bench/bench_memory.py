@@ -15,9 +15,17 @@ Both load the model with the same ``load_vlm`` (same LoRA, same quantization) an
 reset after loading and one warm-up generate, then one step is timed. Peak memory is ``max_memory_allocated`` on
 CUDA and the process's peak RSS (VmHWM) on CPU; the ttrv row also gives the planner's first estimate and its error.
 The models have random weights (bench/real_size.py), so rollouts rarely stop early: every rollout runs
-``--new-tokens`` tokens. On CPU the OpenMP wait policy is set per run (``--omp-policy``) and written in the CSV.
+``--new-tokens`` tokens. On CPU the OpenMP wait policy is set per run (``--omp-policy``) and written in the CSV, with
+the 1-minute load average when the run started. The step is the single-image one (``views=1``).
+
+``ttrv-edge doctor`` runs once per (model, N), in its own process, on the same model folder with the same N, new
+tokens and image size; its estimate of the step's peak (CPU fp32, or the GPU bf16 one on CUDA) is written beside the
+measured peak of the unquantized ttrv rows (``doctor_estimate_bytes``, ``doctor_error``). Rows are merged into
+``--out``: only the cases measured again are replaced (``memory_report.py``), and a markdown table (``.md``) and the
+PNG are written from all rows. ``--dry-run`` prints the runs and the doctor commands without building anything.
 
   python bench/bench_memory.py --models smolvlm-256m --quantize none,int8 --rollouts 4,8 --new-tokens 8
+  python bench/bench_memory.py --models internvl3-1b --quantize none --rollouts 8 --methods ttrv --repeats 2
   python bench/bench_memory.py --device cuda --models smolvlm-500m,qwen2-vl-2b --quantize none,nf4 \\
       --rollouts 8,16 --new-tokens 64 --dtype bf16 --memory-budget 6GB --out bench/results/memory_gpu.csv
 """
@@ -25,42 +33,16 @@ The models have random weights (bench/real_size.py), so rollouts rarely stop ear
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from memory_report import merge_rows, plot, read_csv, write_csv, write_markdown
+
 RESULTS = Path(__file__).resolve().parent / "results"
-COLUMNS = (
-    "model",
-    "method",
-    "run",
-    "quantize",
-    "rollouts",
-    "new_tokens",
-    "prompt_tokens",
-    "device",
-    "dtype",
-    "threads",
-    "omp_policy",
-    "sample_s",
-    "update_s",
-    "step_s",
-    "peak_bytes",
-    "peak_GB",
-    "loaded_bytes",
-    "weights_bytes",
-    "estimate_bytes",
-    "estimate_error",
-    "budget_bytes",
-    "sample_micro_batch",
-    "train_micro_batch",
-    "error",
-)
 
 
 def _csv_list(cast):
@@ -83,7 +65,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=RESULTS / "memory_cpu.csv")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--repeats", type=int, default=1, help="fresh-process runs per case (CPU RSS is noisy)")
-    parser.add_argument("--replot", action="store_true", help="only redraw the PNG of --out from its CSV")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG and .md of --out from its CSV")
+    parser.add_argument("--no-doctor", action="store_true", help="skip `ttrv-edge doctor`'s estimate")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and doctor commands, build nothing")
     parser.add_argument("--worker", type=json.loads, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -133,6 +117,7 @@ def run_ttrv(vlm, item_inputs, question, job, meter):
         memory_budget=job["memory_budget"],
         quantize=job["quantize"],
         lr=1e-4,
+        views=1,
     )
     loop = AdaptationLoop(vlm, config)
     item = PreparedItem("bench", question, item_inputs)
@@ -296,6 +281,29 @@ def _jobs(args, specs, dirs):
                         }
 
 
+def _doctor_command(args, model_dir, image_size: int, rollouts: int) -> list[str] | None:
+    """The ``ttrv-edge doctor`` command whose estimate matches the runs of (model, N), or None when none does."""
+    if args.no_doctor or (args.device, args.dtype) not in (("cpu", "fp32"), ("cuda", "bf16")):
+        return None
+    if args.device == "cpu" and args.memory_budget:  # doctor's CPU estimate is for all rollouts at once
+        return None
+    command = [sys.executable, "-m", "ttrv_edge", "doctor", str(model_dir), "--rollouts", str(rollouts)]
+    command += ["--max-new-tokens", str(args.new_tokens), "--image-size", f"{image_size}x{image_size}", "--json"]
+    return command + ["--gpu-budget", args.memory_budget or "6GB"]
+
+
+def _doctor_estimate(command: list[str] | None, args) -> int | None:
+    if command is None:
+        return None
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TRANSFORMERS_VERBOSITY="error")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if done.returncode != 0 or not done.stdout.strip():
+        print(f"doctor failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}", file=sys.stderr)
+        return None
+    estimate = json.loads(done.stdout)["estimate"]
+    return estimate["cpu" if args.device == "cpu" else "gpu"]["peak_bytes"]
+
+
 def _run_job(job: dict, args) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY=args.omp_policy, OMP_NUM_THREADS=str(args.threads))
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -304,6 +312,7 @@ def _run_job(job: dict, args) -> dict:
     keys = ("model", "method", "run", "quantize", "rollouts", "new_tokens", "device", "dtype", "threads")
     base = {k: job[k] for k in keys}
     base["omp_policy"] = args.omp_policy
+    base["load_1m"] = round(os.getloadavg()[0], 2)
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -320,76 +329,15 @@ def _run_job(job: dict, args) -> dict:
     return row
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_csv(path: Path) -> list[dict]:
-    rows = []
-    with path.open() as handle:
-        for row in csv.DictReader(handle):
-            for key in ("peak_GB", "step_s"):
-                row[key] = float(row[key]) if row.get(key) else None
-            row["rollouts"] = int(row["rollouts"])
-            rows.append(row)
-    return rows
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    good = [r for r in rows if not r.get("error")]
-    if not good:
-        return
-    labels = sorted({(r["model"], r["quantize"], r["rollouts"]) for r in good})
-    methods = sorted({r["method"] for r in good})
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(labels)), 4.5))
-    width = 0.8 / len(methods)
-    for m, method in enumerate(methods):
-        xs = [i + m * width for i in range(len(labels))]
-        for ax, column in zip(axes, ("peak_GB", "step_s")):
-            values = [
-                [r[column] for r in good if r["method"] == method and (r["model"], r["quantize"], r["rollouts"]) == k]
-                for k in labels
-            ]
-            medians = [statistics.median(v) if v else 0 for v in values]
-            spread = [
-                [med - (min(v) if v else 0) for med, v in zip(medians, values)],
-                [(max(v) if v else 0) - med for med, v in zip(medians, values)],
-            ]
-            ax.bar(xs, medians, width, yerr=spread, capsize=3, label=method)
-    ticks = [i + 0.4 - width / 2 for i in range(len(labels))]
-    several = len({m for m, _, _ in labels}) > 1
-    names = [(f"{m}\n" if several else "") + f"{q} N={n}" for m, q, n in labels]
-    device = good[0]["device"]
-    for ax, title in zip(axes, (f"peak memory (GB, {device})", f"step time (s, {device})")):
-        ax.set_xticks(ticks, names, fontsize=8)
-        ax.set_title(title)
-        ax.legend()
-    models = ", ".join(sorted({r["model"] for r in good}))
-    fig.suptitle(
-        f"{models}: one TTRV step, {good[0]['new_tokens']} new tokens, {good[0]['dtype']}, random weights\n"
-        "(bars: median of runs, whiskers: min-max)"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         sys.stdout.write(json.dumps(worker(args.worker)) + "\n")
         return 0
     if args.replot:
-        plot(read_csv(args.out), args.out.with_suffix(".png"))
+        rows = read_csv(args.out)
+        plot(rows, args.out.with_suffix(".png"))
+        write_markdown(rows, args.out.with_suffix(".md"))
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
@@ -400,19 +348,41 @@ def main(argv=None) -> int:
             raise SystemExit(f"--methods: unknown method {method!r} ({', '.join(RUNS)})")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     specs = {name: load_spec(name) for name in args.models}
-    dirs = {}
+    dirs = {name: args.cache_dir / f"{name}-{args.dtype}" for name in specs}
+    if args.dry_run:
+        for job in _jobs(args, specs, dirs):
+            print(json.dumps(job))
+        for name in specs:
+            for n in args.rollouts:
+                print(
+                    " ".join(_doctor_command(args, dirs[name], specs[name]["bench"]["image_size"], n) or ["no doctor"])
+                )
+        return 0
     for name, spec in specs.items():
         print(f"building {name} ...", file=sys.stderr, flush=True)
-        dirs[name] = build_model_dir(spec, args.cache_dir / f"{name}-{args.dtype}", dtype=dtype)
-    rows = []
+        dirs[name] = build_model_dir(spec, dirs[name], dtype=dtype)
+    doctor = {}
+    for name in specs:
+        for n in args.rollouts:
+            command = _doctor_command(args, dirs[name], specs[name]["bench"]["image_size"], n)
+            doctor[name, n] = _doctor_estimate(command, args)
+    old, rows = read_csv(args.out), []
     for job in _jobs(args, specs, dirs):
         row = _run_job(job, args)
+        estimate = doctor[job["model"], job["rollouts"]]
+        if estimate is not None and row.get("peak_bytes") and job["method"] == "ttrv" and job["quantize"] == "none":
+            row.update(
+                doctor_estimate_bytes=estimate,
+                doctor_error=round((estimate - row["peak_bytes"]) / row["peak_bytes"], 3),
+            )
         rows.append(row)
         shown = {k: row.get(k) for k in ("model", "method", "quantize", "rollouts", "peak_GB", "step_s", "error")}
         print(json.dumps(shown), file=sys.stderr, flush=True)
-        write_csv(rows, args.out)
-    plot(rows, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}", file=sys.stderr)
+        write_csv(merge_rows(old, rows), args.out)
+    merged = read_csv(args.out)
+    plot(merged, args.out.with_suffix(".png"))
+    write_markdown(merged, args.out.with_suffix(".md"))
+    print(f"wrote {args.out} and its .png and .md", file=sys.stderr)
     return 0
 
 

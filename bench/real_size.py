@@ -1,8 +1,13 @@
 """Random-weight VLMs of real architectures, built offline from their published hyperparameters.
 
-``bench/configs/<name>.json`` holds each architecture's transformers config fields (text and vision towers, from the
-model cards / config.json of SmolVLM-256M-Instruct, SmolVLM-500M-Instruct, Qwen2-VL-2B-Instruct and
-InternVL3-1B-hf) plus a ``bench`` section (image size, processor settings, published parameter count).
+``bench/configs/<name>.json`` holds each architecture's transformers config fields (text and vision towers) plus a
+``bench`` section (image size, processor settings, published parameter count). The values are the published
+config.json fields of the public checkpoints, written from memory of those configs (nothing is downloaded here):
+HuggingFaceTB/SmolVLM-256M-Instruct, SmolVLM-500M-Instruct, Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct,
+OpenGVLab/InternVL3-1B-hf and InternVL3-2B-hf (vocabulary sizes, hidden/intermediate sizes, layers, heads, KV heads,
+rope, tying, vision depth/width/patch/merge/window settings). Their parameter counts, counted on the meta device by
+``parameter_count``, are within 0.2% of the published totals (``published_parameters``), which checks them: 256.5M,
+507.5M, 2.209B, 3.755B, 938.2M and 2.089B against 256M, 507M, 2.21B, 3.75B, 938M and 2.09B.
 ``build_model_dir`` writes a model folder that ``ttrv_edge.models.load_vlm`` loads like a hub checkpoint; the model
 is built by ``ttrv_edge.models.builders.build_random_vlm``, the same builder as the tiny test models.
 
@@ -13,7 +18,10 @@ Deviations from the real checkpoints, and why (none changes memory or compute of
   so embedding, lm_head, logits and sampling have their real sizes; prompts are a little shorter than with the real
   BPE tokenizer;
 - SmolVLM's image splitting is off by default (one 512 px image = 64 tokens); ``image_splitting`` in the JSON turns
-  it on (the real processor then sends 4x4 crops + a global view for large images, 17 x 64 tokens).
+  it on (the real processor then sends 4x4 crops + a global view for large images, 17 x 64 tokens);
+- InternVL tiles as the checkpoints do (``crop_to_patches``, up to 12 tiles of 448 px + a thumbnail); the benchmark's
+  square 448 px image is one tile, 256 tokens. Qwen2-VL / Qwen2.5-VL images are capped at ``max_pixels`` 448 x 448
+  (256 tokens after the 2x2 merge) instead of the checkpoints' 12.8 MP.
 """
 
 from __future__ import annotations

@@ -286,6 +286,8 @@ def diagnose(
 
     if min(rollouts, max_new_tokens, lora_rank, *image_size) < 1:
         raise ValueError("doctor: --rollouts, --max-new-tokens, --lora-rank and --image-size must be >= 1")
+    import peft  # noqa: F401 - adapt's process imports it (~190 MB of modules on CPU): part of the baseline
+
     baseline = PeakMeter("cpu").current()  # this process before the model loads (libraries, interpreter)
     path, config, base, processor = _load(model, trust_remote_code)
     vlm = LoadedVLM(base, processor, getattr(processor, "tokenizer", processor), model)

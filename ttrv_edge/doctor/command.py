@@ -153,9 +153,9 @@ def doctor_command(
       penalty, top-k/top-p, ...: the loss could not score them) and the ones it applies (EOS, suppressed tokens);
     - ONNX export: whether `ttrv-edge export` supports the family;
     - one step: the memory planner's peak estimate of one episodic step (one image, N rollouts, views=1, LoRA on the
-      language model, no --quantize): on this CPU in fp32 (this process's memory before the model loaded + fp32
-      weights + the step; checked against this machine's RAM) and on a GPU in bf16 against --gpu-budget (tensor
-      bytes, without the CUDA context), with the micro-batch sizes the planner would choose.
+      language model, no --quantize): on this CPU in fp32 (this process's memory with the libraries loaded, before
+      the model, + fp32 weights + the step; checked against this machine's RAM) and on a GPU in bf16 against
+      --gpu-budget (tensor bytes, without the CUDA context), with the micro-batch sizes the planner would choose.
 
     Exit code 0 when the model is usable by adapt; otherwise one line, error: doctor: ..., and exit code 2.
     """
