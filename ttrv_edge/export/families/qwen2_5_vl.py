@@ -16,6 +16,10 @@ blocks, then undoes the reordering after the merger. None of that exports (data-
   all equivariant to the order of the patches, so the output in patch order is transformers' output after its
   inverse permutation (up to float summation order).
 
+Cost: every block scores all N x N patch pairs and masks them, so the windowed blocks lose the windows' savings
+(N^2 instead of N x window); for the image sizes an edge export targets (a few hundred to a few thousand patches)
+that is the price of a graph without data-dependent splits.
+
 The runtime feeds the same inputs as for Qwen2-VL (``runtime.families.qwen2_vl``: patches, vision rope positions,
 one segment per image), so the manifest needs nothing of the window settings: they are constants of the graph.
 """

@@ -12,8 +12,12 @@ special tokens, text-config token ids and image-processor construction. Where Sm
   the small ones (256M, 500M) shuffle pixels with ``scale_factor`` 4. The tiny model does both: 64 px crops of an
   image resized to a longest edge of 128 px (2 x 2 crops + the global view for a square image), 8 x 8 patches
   per crop shuffled 4 x 4, so 4 image tokens per crop.
-- The chat template is the checkpoints' (``processing_smolvlm.DEFAULT_CHAT_TEMPLATE``) without its video branch,
-  plus a branch for string content, which renders image + text turns exactly as Idefics3's template does.
+- The chat template is Idefics3's (``<|im_start|>User:<image>...<end_of_utterance>``, then ``Assistant:``): it
+  renders image + text turns exactly as the template transformers ships for SmolVLM2 (``processing_smolvlm.
+  DEFAULT_CHAT_TEMPLATE``, which SmolVLMProcessor switches to for videos; it differs by a video branch and by no
+  branch for string content), as tests/test_family_smolvlm.py checks.
+- Its special tokens are Idefics3's (``<|im_start|>``, ``<end_of_utterance>``, ``<fake_token_around_image>``,
+  ``<image>``, ``<global-img>``, ``<row_i_col_j>``), and so are the text config's token ids.
 - Bicubic resampling (checkpoints: Lanczos), as for the tiny Idefics3: cheaper, and the runtime uses the same.
 """
 
