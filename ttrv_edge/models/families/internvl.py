@@ -9,10 +9,10 @@ InternVLProcessor passes ``crop_to_patches=True`` to its image processor whateve
 Tiling is switched off by ``settings["crop_to_patches"] = False``, saved as ``max_patches`` 1 (the image processor
 crops only when ``max_patches > 1``), so a reloaded processor does the same.
 
-Deviations from the checkpoints: the chat template drops video content and the default system prompt of InternVL2.5
-(InternVL3's converted template has none); the tokenizer is the shared WordLevel one with InternVL's special tokens
-(``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ``<video>``, Qwen2's ``<|im_start|>``/``<|im_end|>``); the processor is
-saved without a video processor (rebuilt image-only by ``models.load_processor``).
+Deviations from the checkpoints: the chat template is the one transformers' conversion script gives InternVL3-hf
+(no default system prompt) without its video branch; the tokenizer is the shared WordLevel one with InternVL's
+special tokens (``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ``<video>``, Qwen2's ``<|im_start|>``/``<|im_end|>``); the
+processor is saved without a video processor (rebuilt image-only by ``models.load_processor``); weights are random.
 """
 
 from __future__ import annotations
@@ -88,18 +88,15 @@ def parts(config: dict, settings: dict, tokenizer):
         pad_token_id=ids("<|endoftext|>"),
     )
     fields = {k: v for k, v in config.items() if k not in ("model_type", "text_config", "vision_config")}
+    fields = {"tie_word_embeddings": False, "image_seq_length": image_seq_length(config), **fields}
     model_config = InternVLConfig(
-        vision_config=config["vision_config"],
-        text_config=text,
-        image_token_id=ids("<IMG_CONTEXT>"),
-        image_seq_length=image_seq_length(config),
-        **{"tie_word_embeddings": False, **fields},
+        vision_config=config["vision_config"], text_config=text, image_token_id=ids("<IMG_CONTEXT>"), **fields
     )
     processor = image_only_processor(InternVLProcessor)(  # its video processor needs torchvision
         image_processor=image_processor(config, settings),
         tokenizer=tokenizer,
         chat_template=TEMPLATE,
-        image_seq_length=image_seq_length(config),
+        image_seq_length=fields["image_seq_length"],
     )
     return InternVLForConditionalGeneration, model_config, processor
 
