@@ -122,7 +122,7 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     labels = sorted({(r["model"], r["quantize"], r["rollouts"]) for r in good})
     methods = sorted({r["method"] for r in good})
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(labels)), 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(labels)), 5))
     width = 0.8 / len(methods)
     for m, method in enumerate(methods):
         xs = [i + m * width for i in range(len(labels))]
@@ -142,7 +142,7 @@ def plot(rows: list[dict], path: Path) -> None:
     names = [(f"{m}\n" if several else "") + f"{q} N={n}" for m, q, n in labels]
     device = good[0]["device"]
     for ax, title in zip(axes, (f"peak memory (GB, {device})", f"step time (s, {device})")):
-        ax.set_xticks(ticks, names, fontsize=8)
+        ax.set_xticks(ticks, names, fontsize=8, rotation=20, ha="right")
         ax.set_title(title)
         ax.legend()
     models = ", ".join(sorted({r["model"] for r in good}))
