@@ -162,4 +162,4 @@ def test_unknown_model_type_is_not_tested(monkeypatch, tiny_idefics3_dir):
     monkeypatch.delitem(FAMILIES, "idefics3")  # as if it were a model_type ttrv-edge has no tests for
     report = diagnose(str(tiny_idefics3_dir))
     assert report["family"]["tested"] is False and report["usable"]
-    assert dict(rows(report))["family"] == "idefics3: not tested"
+    assert dict(rows(report))["family"] == "model_type idefics3: not tested"

@@ -55,7 +55,7 @@ def rows(report: dict) -> list[tuple[str, str]]:
     from ..memory import format_bytes
 
     family, params, lora = report["family"], report["parameters"], report["lora"]
-    name = f"{family['name']} ({family['model_type']})" if family["tested"] else f"{family['model_type']}: not tested"
+    name = f"model_type {family['model_type']}: " + (family["name"] if family["tested"] else "not tested")
     found = [
         ("family", name),
         ("loaded as", f"{report['loaded_dtype']} on cpu (the checkpoint's dtype), {report['path']}"),
