@@ -206,7 +206,7 @@ def test_onnx_greedy_answers_equal_torch(exported):
     assert manifest["check"]["tokens_equal"] and manifest["check"]["max_abs_logit_diff"] < 1e-4
     runner = OnnxVLM(out)
     worst, seen = 0.0, 0
-    for image in _images():
+    for image in [*_images(), _images()[:2]]:  # the last: a two-image prompt
         for question in QUESTIONS:
             inputs = vlm.prompt_inputs(image, question.prompt())
             with torch.no_grad():

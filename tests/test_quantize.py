@@ -164,3 +164,20 @@ def test_api_passes_quantize_to_the_loader(tiny_idefics3_dir, test_image):
     assert any(isinstance(m, QLinear) for m in api.vlm.model.modules())
     result = api.adapt(test_image, "Which shape?", choices=["circle", "square"])
     assert result.after is not None
+
+
+def test_int8_qwen2_vl_quantizes_its_language_model_and_adapts(tiny_qwen2vl_dir, test_image):
+    from optimum.quanto import QLinear
+
+    vlm = load_vlm(str(tiny_qwen2vl_dir), quantize="int8")
+    quantized = [n for n, m in vlm.model.named_modules() if isinstance(m, QLinear)]
+    assert quantized and all("language_model" in n for n in quantized)
+    assert not any(isinstance(m, QLinear) for m in vision_tower(vlm.model).modules())
+    loop = AdaptationLoop(vlm, TTRVConfig(rollouts=6, views=1, max_new_tokens=5, lr=5e-2, quantize="int8"))
+    item = loop.prepare("img", test_image, Pattern("Describe it."))
+    before = _snapshot(vlm.model)
+    record = loop.step([item], 0, seed=1)
+    assert record.updated and record.logprob_gap < 1e-3
+    after = _snapshot(vlm.model)
+    changed = {n for n in before if not all(torch.equal(a, b) for a, b in zip(before[n], after[n]))}
+    assert changed and all("lora_" in n for n in changed), sorted(changed)[:3]
