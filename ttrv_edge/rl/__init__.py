@@ -4,5 +4,6 @@
 advantages) -> ``scoring`` (each completion token's log-prob and entropy under the policy) -> ``loss`` (the clipped
 GRPO loss, back-propagated in micro-batches) -> ``update`` (one guarded GRPO update: the recipe that calls the
 four before it) -> ``loop`` (``AdaptationLoop``: episodic and transductive runs). ``records`` holds what they
-exchange and report; ``guards`` the NaN/Inf step guard and the collapse detector. Nothing is imported here.
+exchange and report; ``guards`` the NaN/Inf step guard and the collapse detector; ``distributed`` the data-parallel
+split of a transductive run under torchrun (each rank's share, the all-reduces). Nothing is imported here.
 """

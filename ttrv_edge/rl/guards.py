@@ -45,6 +45,10 @@ entropy beat the start's by more than 0.02. The margin is the score's sampling n
 times with unchanged weights gave scores spread over 0.06-0.10 nats. ``report`` names the signals and the questions
 they fired on, with the statistics of the check that fired and of the start.
 
+Under ``torch.distributed`` (``distributed.py``) each rank samples its block of the checked inputs and the
+observations are all-gathered in input order, so every rank's guard judges the same statistics, keeps the same best
+snapshot and stops (and rolls back) at the same step.
+
 Why a sampling pass of its own: the answers sampled by the training steps come from weights that changed during the
 pass, so statistics built from them lag the weights; in a test where the model collapsed after one step, the best
 score by those lagging answers belonged to already-collapsed weights and the rollback restored collapsed LoRA weights.

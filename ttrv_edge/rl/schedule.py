@@ -8,7 +8,9 @@ updates at batch 1, over 64 inputs 64, and the larger set drifted much further a
 
 The permutations come from one generator seeded with the run's seed, drawn in pass order, and each step's sampling
 seed is ``item_seed(seed, 3, pass, start)``, so an ``epochs`` run takes exactly the steps it took before budgets
-existed, and a resumed run replays the same steps.
+existed, and a resumed run replays the same steps. A data-parallel run (``distributed.py``) follows the same
+schedule on every rank and splits each step's inputs into contiguous blocks, one per rank, so ``--batch-size`` stays
+the number of inputs per update whatever the number of ranks.
 """
 
 from __future__ import annotations
