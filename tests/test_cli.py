@@ -334,3 +334,12 @@ def test_unreachable_hub_uses_the_cache_or_fails_in_one_line(monkeypatch, tmp_pa
     assert Path(hub.cached_snapshot("nobody-ttrv/x", cache_dir=str(tmp_path))) == snapshot
     monkeypatch.setattr(hub, "cached_snapshot", lambda repo_id: str(snapshot))
     assert resolve_model_path("nobody-ttrv/x") == str(snapshot)  # offline: the cached copy, no network call
+
+
+def test_adapt_help_lists_every_tiny_model(capsys, monkeypatch):
+    from ttrv_edge.models.families import TINY_NAMES
+
+    text = " ".join(_help_lines(capsys, monkeypatch, "adapt"))
+    listed = [name for name in TINY_NAMES if name != "tiny-qwen2_vl"]  # the old spelling stays a silent alias
+    assert all(name in text for name in listed), [name for name in listed if name not in text]
+    assert "doctor" in text

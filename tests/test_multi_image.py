@@ -108,3 +108,30 @@ def test_prompt_holds_every_image_and_the_loss_scores_what_was_sampled(model_typ
     item = api.loop.prepare("two pictures", _pictures(), SignalQuestion("What is in the pictures?"))
     record = api.loop.step([item], step=0, seed=1)
     assert record.updated and record.logprob_gap is not None and record.logprob_gap < 1e-3
+
+
+def test_api_and_cli_take_multi_image_inputs(tiny_idefics3_dir, tmp_path, capsys):
+    from ttrv_edge.api import TTRVModel, as_item
+    from ttrv_edge.cli import main
+
+    pictures = _pictures()
+    api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), views=1, steps=1, **FAST)
+    result = api.adapt(pictures, "Which colour is in the second picture?", choices=["red", "blue"])
+    assert result.image.count(" + ") == 1 and len(result.steps) == 1
+    image, _, label = as_item({"images": ["a.png", "b.png"], "question": "same?"})
+    assert image == ["a.png", "b.png"] and label == "a.png + b.png"
+    with pytest.raises(ValueError, match='"images" must be a list'):
+        as_item({"images": "a.png"})
+    for i, picture in enumerate(pictures):
+        picture.save(tmp_path / f"p{i}.png")
+    lines = [{"images": ["p0.png", "p1.png"]}, {"image": "p1.png"}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    argv = [str(tmp_path / "data.jsonl"), "--model", str(tiny_idefics3_dir), "--max-updates", "1", "--rollouts", "4"]
+    argv += ["--max-new-tokens", "4", "--views", "2", "--out", str(tmp_path / "out"), "--json"]
+    capsys.readouterr()
+    assert main(["adapt", *argv]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [item["image"] for item in report["items"]] == [
+        f"{tmp_path / 'p0.png'} + {tmp_path / 'p1.png'}",
+        str(tmp_path / "p1.png"),
+    ]

@@ -35,7 +35,7 @@ from .config import TTRVConfig
 from .io.adapter_dirs import base_model_label, model_card
 from .io.answers import DEFAULT_QUESTION, Question, parse_options
 from .io.checkpoints import check_adapter_dir, save_adapter, verify_adapter_loaded
-from .io.images import display_name, load_image
+from .io.images import display_name, load_images
 from .io.inputs import Item, SkippedItem
 from .models.loading import LoadedVLM, load_vlm
 from .rl import distributed
@@ -72,11 +72,18 @@ def make_question(
 
 def as_item(entry) -> tuple[object, Question, str]:
     """(image, question, label) of an ``Item`` or a dict {"image", "question", "choices", "labels", "numeric"}
-    (``choices`` and ``labels`` as lists or comma-separated strings; the image a path, PIL image or array)."""
+    (``choices`` and ``labels`` as lists or comma-separated strings; the image a path, PIL image or array; a dict
+    with "images", a list of them, instead of "image" is a multi-image input)."""
     if isinstance(entry, Item):
-        return entry.image, entry.question, entry.image
+        return entry.image, entry.question, entry.label
+    if isinstance(entry, dict) and "images" in entry and "image" not in entry:
+        if not isinstance(entry["images"], (list, tuple)):
+            raise ValueError(f'adapt_dataset: "images" must be a list of images, got {entry["images"]!r:.80}')
+        entry = {**{k: v for k, v in entry.items() if k != "images"}, "image": list(entry["images"])}
     if not isinstance(entry, dict) or entry.get("image") is None:
-        raise ValueError(f'adapt_dataset: each item must be an Item or a dict with an "image", got {entry!r:.80}')
+        raise ValueError(
+            f'adapt_dataset: each item must be an Item or a dict with an "image" or "images", got {entry!r:.80}'
+        )
     unknown = sorted(set(entry) - {"image", "question", "choices", "labels", "numeric"})
     if unknown:
         raise ValueError(f"adapt_dataset: unknown item keys {', '.join(unknown)}")
@@ -90,7 +97,10 @@ def as_item(entry) -> tuple[object, Question, str]:
 
 
 def describe_image(image) -> str:
-    """How an image appears in results: its path, or its kind and size for in-memory images."""
+    """How an image appears in results: its path, or its kind and size for in-memory images (the descriptions of a
+    multi-image input's images joined by " + ")."""
+    if isinstance(image, (list, tuple)):
+        return " + ".join(describe_image(one) for one in image)
     if isinstance(image, (str, Path)):
         return str(image)
     shape = getattr(image, "shape", None) or getattr(image, "size", None)
@@ -133,7 +143,7 @@ class TTRVModel:
 
     def _prepare(self, image, question: Question, label: str | None = None) -> PreparedItem:
         label = label or describe_image(image)
-        loaded = load_image(image)  # its errors name the file already
+        loaded = load_images(image)  # its errors name the file already; a list is a multi-image input
         try:
             return self._loop.prepare(label, loaded, question)
         except ValueError as error:  # the processor refused the image (size, aspect ratio)

@@ -75,8 +75,9 @@ def adapt(
         str,
         typer.Option(
             help="Local model folder or hub id; 'demo' is the bundled demo model (trained on synthetic shape "
-            "scenes, see ttrv_edge/demo); 'tiny' builds a tiny random VLM offline "
-            "(a smoke test, its answers are noise)."
+            "scenes, see ttrv_edge/demo); 'tiny' (= tiny-idefics3), tiny-smolvlm2, tiny-qwen2-vl, "
+            "tiny-qwen2.5-vl, tiny-internvl and tiny-llava build a tiny random VLM of that family offline "
+            "(a smoke test, its answers are noise). `ttrv-edge doctor MODEL` checks a model folder."
         ),
     ] = "demo",
     question: Annotated[
@@ -144,7 +145,7 @@ def adapt(
 
     from .api import TTRVModel
     from .io.adapter_dirs import check_out_dir
-    from .io.images import load_image
+    from .io.images import load_images
     from .io.inputs import collect_items
     from .rl import distributed
 
@@ -157,7 +158,7 @@ def adapt(
             "(transductive), or run `ttrv-edge adapt IMAGE` without torchrun"
         )
     if mode == "episodic":
-        load_image(items[0].image)  # a bad image fails before the model loads
+        load_images(items[0].image)  # a bad image fails before the model loads
     if mode == "episodic" and checkpoint_dir is not None:
         raise ValueError("--checkpoint-dir: only folder and JSONL runs (transductive mode) are checkpointed")
     replacing = check_out_dir(out, overwrite)  # before the model loads, too
@@ -293,9 +294,6 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-BUILT_IN_SMALL_MODELS = ("tiny", "tiny-qwen2-vl", "demo")
-
-
 def _set_thread_policy(argv: list[str]) -> None:
     """OpenMP's wait policy, chosen before torch is imported; a value in the environment wins.
 
@@ -304,7 +302,7 @@ def _set_thread_policy(argv: list[str]) -> None:
     faster. So PASSIVE for the built-in small models, OpenMP's default for the rest.
     """
     model = argv[argv.index("--model") + 1] if "--model" in argv[:-1] else "demo"
-    if model in BUILT_IN_SMALL_MODELS:
+    if model == "demo" or (model.startswith("tiny") and not os.path.exists(model)):  # the built-in small models
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
