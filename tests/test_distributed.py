@@ -35,14 +35,14 @@ Question.extract = lambda self, text: "xyz"[len(text) % 3]
 if rank == 1:
     import ttrv_edge.api as api
     from ttrv_edge.io import checkpoints
-    real_load = api.load_image
-    def load_image(image, *args, **kwargs):
+    real_load = api.load_images
+    def load_images(image, *args, **kwargs):
         if str(image).endswith(os.environ["BAD_ON_RANK1"]):
             raise ValueError(f"{image}: unreadable on this node")
         return real_load(image, *args, **kwargs)
     def refuse(*args, **kwargs):
         raise AssertionError("rank 1 wrote a file")
-    api.load_image = load_image
+    api.load_images = load_images
     checkpoints.atomic_write_bytes = checkpoints.save_adapter = api.save_adapter = refuse
     if os.environ.get("EXIT_AT_STEP"):
         from ttrv_edge.rl.loop import AdaptationLoop
@@ -110,14 +110,14 @@ def _torchrun(workspace: Path, args: list[str], **env) -> subprocess.CompletedPr
 
 def _one_process(monkeypatch, capsys, args: list[str]) -> dict:
     """The same command in this process (one rank, one thread like each torchrun rank), the same image refused."""
-    real_load = api_module.load_image
+    real_load = api_module.load_images
 
-    def load_image(image, *a, **k):
+    def load_images(image, *a, **k):
         if str(image).endswith(BAD):
             raise ValueError(f"{image}: unreadable on this node")
         return real_load(image, *a, **k)
 
-    monkeypatch.setattr(api_module, "load_image", load_image)
+    monkeypatch.setattr(api_module, "load_images", load_images)
     monkeypatch.setattr(Question, "extract", _reads_length)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
