@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["ChatPrompt", "Prepared", "rescale_normalise", "resize"]
+__all__ = ["ChatPrompt", "Prepared", "expand_images", "linear_prepared", "rescale_normalise", "resize"]
 
 
 @dataclass
@@ -32,6 +32,26 @@ class Prepared:
     vision_feeds: dict
     position_ids: np.ndarray  # [1, L] or [3, 1, L] int64
     next_position: int
+
+
+def expand_images(prompt: str, marker: str, images: list, encode_image) -> tuple[str, list]:
+    """The prompt with its image markers (one per image, in order) replaced, and each image's arrays.
+
+    ``encode_image(image) -> (expansion text, arrays)`` gives what one marker becomes and the image's inputs to the
+    vision graph (pixels, crops or patches)."""
+    pieces = prompt.split(marker)
+    text, encoded = pieces[0], []
+    for image, after in zip(images, pieces[1:], strict=True):
+        expansion, arrays = encode_image(image)
+        text += expansion + after
+        encoded.append(arrays)
+    return text, encoded
+
+
+def linear_prepared(ids: np.ndarray, pixel_values: np.ndarray) -> Prepared:
+    """``Prepared`` for a decoder with 1-D positions 0..L-1 and a vision graph fed ``pixel_values`` only."""
+    positions = np.arange(ids.shape[1], dtype=np.int64)[None]
+    return Prepared(ids, {"pixel_values": pixel_values}, positions, ids.shape[1])
 
 
 def rescale_normalise(array: np.ndarray, cfg: dict) -> np.ndarray:

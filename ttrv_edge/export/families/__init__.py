@@ -19,7 +19,7 @@ from types import ModuleType
 
 from ...models.families import FAMILIES
 
-__all__ = ["EXPORTABLE", "export_family"]
+__all__ = ["EXPORTABLE", "export_family", "pixel_batch_example"]
 
 EXPORTABLE = tuple(FAMILIES)
 """The model types ``ttrv-edge export`` supports."""
@@ -31,3 +31,13 @@ def export_family(model_type: str) -> ModuleType:
         names = ", ".join(FAMILIES[t] for t in EXPORTABLE)
         raise ValueError(f"--model: ONNX export supports {names}, not {model_type!r}")
     return importlib.import_module(f"{__name__}.{model_type}")
+
+
+def pixel_batch_example(pixels, axis: str):
+    """The example inputs, names and dynamic axes of a vision graph fed one batch of images (crops, tiles) along
+    dim 0, named ``axis``; a single image is doubled (flipped), since ``torch.export`` specialises a size-1 dim."""
+    import torch
+
+    pixels = pixels.float()
+    pixels = torch.cat([pixels, pixels.flip(-1)]) if pixels.shape[0] == 1 else pixels
+    return (pixels,), ["pixel_values"], {"pixel_values": {0: axis}}

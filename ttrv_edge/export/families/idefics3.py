@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from . import pixel_batch_example
+
 __all__ = ["MROPE", "Idefics3VisionGraph", "image_config", "text_model", "vision_example", "vision_graph"]
 
 MROPE = False
@@ -30,6 +32,8 @@ def vision_graph(merged) -> torch.nn.Module:
 
 
 def image_config(processor) -> dict:
+    """The crop and prompt-expansion settings (also SmolVLM2's, whose processor names the global-view token
+    ``global_image_token`` where Idefics3's says ``global_image_tag``)."""
     ip = processor.image_processor.to_dict()
     return {
         "longest_edge": int(ip["size"]["longest_edge"]),
@@ -38,11 +42,10 @@ def image_config(processor) -> dict:
         "image_seq_len": int(processor.image_seq_len),
         "image_token": processor.image_token,
         "fake_image_token": processor.fake_image_token,
-        "global_image_token": processor.global_image_tag,
+        "global_image_token": getattr(processor, "global_image_tag", None) or processor.global_image_token,
     }
 
 
 def vision_example(batch, image_cfg: dict):
-    pixels = batch["pixel_values"].reshape(-1, *batch["pixel_values"].shape[2:]).float()
-    pixels = torch.cat([pixels, pixels.flip(-1)]) if pixels.shape[0] == 1 else pixels  # a size-1 dim would freeze
-    return (pixels,), ["pixel_values"], {"pixel_values": {0: "num_crops"}}
+    pixels = batch["pixel_values"].reshape(-1, *batch["pixel_values"].shape[2:])
+    return pixel_batch_example(pixels, "num_crops")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import pixel_batch_example
+
 __all__ = ["MROPE", "InternVLVisionGraph", "image_config", "text_model", "vision_example", "vision_graph"]
 
 MROPE = False
@@ -52,6 +54,4 @@ def image_config(processor) -> dict:
 
 
 def vision_example(batch, image_cfg: dict):
-    pixels = batch["pixel_values"].float()
-    pixels = torch.cat([pixels, pixels.flip(-1)]) if pixels.shape[0] == 1 else pixels  # a size-1 dim would freeze
-    return (pixels,), ["pixel_values"], {"pixel_values": {0: "tiles"}}
+    return pixel_batch_example(batch["pixel_values"], "tiles")

@@ -6,20 +6,6 @@ processor's name of the global-view token differs (``global_image_token``, Idefi
 
 from __future__ import annotations
 
-from .idefics3 import MROPE, text_model, vision_example, vision_graph
+from .idefics3 import MROPE, image_config, text_model, vision_example, vision_graph
 
 __all__ = ["MROPE", "image_config", "text_model", "vision_example", "vision_graph"]
-
-
-def image_config(processor) -> dict:
-    """The crop and prompt-expansion settings, under the keys ``runtime.families.idefics3`` reads."""
-    ip = processor.image_processor.to_dict()
-    return {
-        "longest_edge": int(ip["size"]["longest_edge"]),
-        "max_image_size": int(ip["max_image_size"]["longest_edge"]),
-        "do_image_splitting": bool(ip.get("do_image_splitting")),
-        "image_seq_len": int(processor.image_seq_len),
-        "image_token": processor.image_token,
-        "fake_image_token": processor.fake_image_token,
-        "global_image_token": processor.global_image_token,
-    }

@@ -18,7 +18,7 @@ processor is saved without a video processor (rebuilt image-only by ``models.loa
 from __future__ import annotations
 
 from ..processors import image_only_processor
-from .tokenizer import text_config_with_tokens
+from .qwen2_vl import qwen2_text_config
 
 __all__ = ["PADDING_SIDE", "SPECIAL", "TEMPLATE", "image_seq_length", "parts", "tiny_config"]
 
@@ -80,13 +80,7 @@ def parts(config: dict, settings: dict, tokenizer):
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
 
     ids = tokenizer.convert_tokens_to_ids
-    text = text_config_with_tokens(
-        config,
-        tokenizer,
-        bos_token_id=ids("<|im_start|>"),
-        eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"),
-    )
+    text = qwen2_text_config(config, tokenizer)
     fields = {k: v for k, v in config.items() if k not in ("model_type", "text_config", "vision_config")}
     fields = {"tie_word_embeddings": False, "image_seq_length": image_seq_length(config), **fields}
     model_config = InternVLConfig(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..processors import image_only_processor
 from .tokenizer import text_config_with_tokens
 
-__all__ = ["PADDING_SIDE", "SPECIAL", "TEMPLATE", "parts", "tiny_config"]
+__all__ = ["PADDING_SIDE", "SPECIAL", "TEMPLATE", "model_config_fields", "parts", "qwen2_text_config", "tiny_config"]
 
 # Qwen2-VL's chat template, reduced to image + text content.
 TEMPLATE = (
@@ -30,16 +30,23 @@ SPECIAL = {
 PADDING_SIDE = "left"
 
 
-def model_config_fields(config: dict, tokenizer) -> dict:
-    """The config fields Qwen2-VL and Qwen2.5-VL share: text config with token ids, placeholder ids, tying."""
+def qwen2_text_config(config: dict, tokenizer) -> dict:
+    """The Qwen2 text config with the ChatML token ids (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``), as
+    Qwen2-VL, Qwen2.5-VL and InternVL3 use them."""
     ids = tokenizer.convert_tokens_to_ids
-    text = text_config_with_tokens(
+    return text_config_with_tokens(
         config,
         tokenizer,
         bos_token_id=ids("<|im_start|>"),
         eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|endoftext|>"),
     )
+
+
+def model_config_fields(config: dict, tokenizer) -> dict:
+    """The config fields Qwen2-VL and Qwen2.5-VL share: text config with token ids, placeholder ids, tying."""
+    ids = tokenizer.convert_tokens_to_ids
+    text = qwen2_text_config(config, tokenizer)
     return {
         "vision_config": config["vision_config"],
         "text_config": text,

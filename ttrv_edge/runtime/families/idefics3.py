@@ -11,7 +11,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from ..preprocess import Prepared, rescale_normalise, resize
+from ..preprocess import Prepared, expand_images, linear_prepared, rescale_normalise, resize
 
 __all__ = ["MROPE", "image_prompt", "pixels", "prepare", "prepare_many"]
 
@@ -25,15 +25,13 @@ def prepare(image: Image.Image, prompt: str, pre: dict, chat, image_token_id: in
 
 def prepare_many(images: list[Image.Image], prompt: str, pre: dict, chat, image_token_id: int) -> Prepared:
     """``prepare`` for a prompt whose markers (one per image, in order) stand for ``images``."""
-    pieces = prompt.split(pre["image_token"])
-    crops, text = [], pieces[0]
-    for image, after in zip(images, pieces[1:], strict=True):
-        image_crops, rows, cols = pixels(image, pre)
-        crops.append(image_crops)
-        text += image_prompt(rows, cols, pre) + after
-    ids = chat.encode(text)
-    positions = np.arange(ids.shape[1], dtype=np.int64)[None]
-    return Prepared(ids, {"pixel_values": np.concatenate(crops)}, positions, ids.shape[1])
+
+    def encode(image):
+        crops, rows, cols = pixels(image, pre)
+        return image_prompt(rows, cols, pre), crops
+
+    text, crops = expand_images(prompt, pre["image_token"], images, encode)
+    return linear_prepared(chat.encode(text), np.concatenate(crops))
 
 
 def _longest_edge_size(height: int, width: int, max_len: int) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from ..preprocess import Prepared, rescale_normalise, resize
+from ..preprocess import Prepared, expand_images, linear_prepared, rescale_normalise, resize
 
 __all__ = ["MROPE", "image_prompt", "pixels", "prepare", "prepare_many", "tiled_canvas"]
 
@@ -23,15 +23,13 @@ def prepare(image: Image.Image, prompt: str, pre: dict, chat, image_token_id: in
 
 def prepare_many(images: list[Image.Image], prompt: str, pre: dict, chat, image_token_id: int) -> Prepared:
     """``prepare`` for a prompt whose markers (one per image, in order) stand for ``images``."""
-    pieces = prompt.split(pre["image_token"])
-    tiles, text = [], pieces[0]
-    for image, after in zip(images, pieces[1:], strict=True):
-        image_tiles = pixels(image, pre)
-        tiles.append(image_tiles)
-        text += image_prompt(image_tiles.shape[0], pre) + after
-    ids = chat.encode(text)
-    positions = np.arange(ids.shape[1], dtype=np.int64)[None]
-    return Prepared(ids, {"pixel_values": np.concatenate(tiles)}, positions, ids.shape[1])
+
+    def encode(image):
+        tiles = pixels(image, pre)
+        return image_prompt(tiles.shape[0], pre), tiles
+
+    text, tiles = expand_images(prompt, pre["image_token"], images, encode)
+    return linear_prepared(chat.encode(text), np.concatenate(tiles))
 
 
 def tiled_canvas(height: int, width: int, tile: tuple[int, int], min_tiles: int, max_tiles: int) -> tuple[int, int]:

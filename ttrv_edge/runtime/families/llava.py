@@ -11,7 +11,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from ..preprocess import Prepared, rescale_normalise, resize
+from ..preprocess import Prepared, expand_images, linear_prepared, rescale_normalise, resize
 
 __all__ = ["MROPE", "center_crop", "image_tokens", "pixels", "prepare", "prepare_many", "resized_size"]
 
@@ -26,15 +26,13 @@ def prepare(image: Image.Image, prompt: str, pre: dict, chat, image_token_id: in
 def prepare_many(images: list[Image.Image], prompt: str, pre: dict, chat, image_token_id: int) -> Prepared:
     """``prepare`` for a prompt whose markers (one per image, in order) stand for ``images``."""
     marker = pre["image_token"]
-    pieces = prompt.split(marker)
-    arrays, text = [], pieces[0]
-    for image, after in zip(images, pieces[1:], strict=True):
+
+    def encode(image):
         array = pixels(image, pre)
-        arrays.append(array)
-        text += marker * image_tokens(array.shape[1], array.shape[2], pre) + after
-    ids = chat.encode(text)
-    positions = np.arange(ids.shape[1], dtype=np.int64)[None]
-    return Prepared(ids, {"pixel_values": np.stack(arrays)}, positions, ids.shape[1])
+        return marker * image_tokens(array.shape[1], array.shape[2], pre), array
+
+    text, arrays = expand_images(prompt, marker, images, encode)
+    return linear_prepared(chat.encode(text), np.stack(arrays))
 
 
 def image_tokens(height: int, width: int, cfg: dict) -> int:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from ..preprocess import Prepared, rescale_normalise, resize
+from ..preprocess import Prepared, expand_images, rescale_normalise, resize
 
 __all__ = ["MROPE", "pixels", "prepare", "prepare_many", "smart_resize", "text_positions", "vision_positions"]
 
@@ -28,21 +28,18 @@ def prepare_many(images: list[Image.Image], prompt: str, pre: dict, chat, image_
     """``prepare`` for a prompt whose markers (one per image, in order) stand for ``images``."""
     merge = int(pre["merge_size"])
     marker = pre["image_token"]
-    pieces = prompt.split(marker)
-    text, patches, rope, segments, grids = pieces[0], [], [], [], []
-    for index, (image, after) in enumerate(zip(images, pieces[1:], strict=True)):
-        image_patches, grid = pixels(image, pre)
-        text += marker * (grid[0] * grid[1] * grid[2] // merge**2) + after
-        patches.append(image_patches)
-        rope.append(vision_positions(grid, merge))
-        segments.append(np.full(image_patches.shape[0], index, dtype=np.int64))
-        grids.append(grid)
-    ids = chat.encode(text)
+
+    def encode(image):
+        patches, grid = pixels(image, pre)
+        return marker * (grid[0] * grid[1] * grid[2] // merge**2), (patches, grid)
+
+    text, encoded = expand_images(prompt, marker, images, encode)
+    ids, grids = chat.encode(text), [grid for _, grid in encoded]
     positions, next_position = text_positions(ids, image_token_id, grids, merge)
     feeds = {
-        "pixel_values": np.concatenate(patches),
-        "rope_positions": np.concatenate(rope),
-        "segment_ids": np.concatenate(segments),
+        "pixel_values": np.concatenate([patches for patches, _ in encoded]),
+        "rope_positions": np.concatenate([vision_positions(grid, merge) for grid in grids]),
+        "segment_ids": np.concatenate([np.full(p.shape[0], i, dtype=np.int64) for i, (p, _) in enumerate(encoded)]),
     }
     return Prepared(ids, feeds, positions, next_position)
 
