@@ -16,6 +16,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+# tests/helpers.py holds checks shared by several test files: rewrite its asserts like a test module's
+pytest.register_assert_rewrite("helpers")
+
 
 @pytest.fixture(scope="session")
 def tiny_idefics3_dir(tmp_path_factory):

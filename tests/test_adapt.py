@@ -1,10 +1,9 @@
 """The adaptation loop on a tiny random VLM: what trains, what resets, what is reproducible."""
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
 import torch
+from helpers import SignalQuestion
 
 from ttrv_edge import kernels
 from ttrv_edge.api import TTRVModel
@@ -17,17 +16,8 @@ from ttrv_edge.rl.records import consensus_of
 from ttrv_edge.rl.sampling import completion_mask, sample_rollouts
 from ttrv_edge.rl.scoring import completion_logprobs
 
-
-@dataclass(frozen=True)
-class ParityQuestion(Question):
-    """Answers "x", "x", "y", "x", "x", "y", ... in call order, so every group of a random model carries signal."""
-
-    calls: list = field(default_factory=list, compare=False)
-
-    def extract(self, text: str) -> str | None:
-        self.calls.append(text)
-        return "xxy"[len(self.calls) % 3]
-
+# tests/test_sampling_policy.py and tests/test_views.py import the question under this name from here
+ParityQuestion = SignalQuestion
 
 CONFIG = dict(rollouts=6, views=1, steps=2, max_new_tokens=6, lr=5e-2, seed=3)
 
@@ -74,7 +64,7 @@ def test_completion_logprobs_equal_log_softmax_of_full_logits(adapter, test_imag
 def test_a_step_changes_only_lora_weights(arch_dir, request, test_image):
     adapter = TTRVModel.from_pretrained(str(request.getfixturevalue(arch_dir)), **CONFIG)
     loop = adapter.loop
-    item = loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    item = loop.prepare("img", test_image, SignalQuestion("Describe it."))
     before = _params(adapter.vlm.model)
     record = loop.step([item], step=0, seed=1)
     assert record.updated and record.loss is not None
@@ -88,7 +78,7 @@ def test_a_step_changes_only_lora_weights(arch_dir, request, test_image):
 
 def test_episodic_reset_restores_exact_outputs(adapter, test_image):
     loop = adapter.loop
-    item = loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    item = loop.prepare("img", test_image, SignalQuestion("Describe it."))
     reference = _logits(adapter.vlm, item.inputs)
     result = loop.adapt_episode(item)
     assert any(s.updated for s in result.steps)
@@ -97,7 +87,7 @@ def test_episodic_reset_restores_exact_outputs(adapter, test_image):
 
 def test_keep_leaves_the_adapter_changed(tiny_idefics3_dir, test_image):
     kept = TTRVModel.from_pretrained(str(tiny_idefics3_dir), keep=True, **CONFIG)
-    item = kept.loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    item = kept.loop.prepare("img", test_image, SignalQuestion("Describe it."))
     reference = _logits(kept.vlm, item.inputs)
     kept.loop.adapt_episode(item)
     assert not torch.equal(_logits(kept.vlm, item.inputs), reference)
@@ -109,7 +99,7 @@ def test_same_seed_same_run(tiny_idefics3_dir, test_image):
     runs = []
     for _ in range(2):
         api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), **CONFIG)
-        item = api.loop.prepare("img", test_image, ParityQuestion("Describe it."))
+        item = api.loop.prepare("img", test_image, SignalQuestion("Describe it."))
         result = api.loop.adapt_episode(item)
         runs.append([(s.mean_reward, s.loss) for s in result.steps] + [result.after.distribution])
     assert runs[0] == runs[1]
@@ -143,7 +133,7 @@ def test_transductive_runs_epochs_over_the_set(tiny_idefics3_dir, test_image, tm
     for i in range(3):
         paths.append(tmp_path / f"{i}.png")
         test_image.rotate(90 * i).save(paths[-1])
-    items = [Item(str(p), ParityQuestion("Describe it.")) for p in paths]
+    items = [Item(str(p), SignalQuestion("Describe it.")) for p in paths]
     results = api.adapt_dataset(items)
     assert [r.image for r in results] == [str(p) for p in paths]
     assert sum(len(r.steps) for r in results) == 2 * 3  # batch size 1: one step per item and epoch
@@ -154,7 +144,7 @@ def test_beta_adds_kl_to_the_adapter_disabled_model(tiny_idefics3_dir, test_imag
     """The KL's reference log-probs are those of the base model (LoRA made a no-op by zeroing B), not the adapted
     model's: a reference that kept the adapter on would equal the policy's log-probs and give KL 0."""
     api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), beta=0.1, **CONFIG)
-    item = api.loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    item = api.loop.prepare("img", test_image, SignalQuestion("Describe it."))
     assert api.loop.step([item], 0, seed=1).updated  # the adapter now differs from the base model
     captured = []
     real = kernels.linear_grpo_loss
@@ -201,7 +191,7 @@ def test_triton_and_torch_backends_give_the_same_update(tiny_idefics3_dir, test_
     grads = []
     for backend in ("torch", "triton"):
         api = TTRVModel.from_pretrained(str(tiny_idefics3_dir), backend=backend, **CONFIG)
-        item = api.loop.prepare("img", test_image, ParityQuestion("Describe it."))
+        item = api.loop.prepare("img", test_image, SignalQuestion("Describe it."))
         captured = {}
         api.loop.optimizer.register_step_pre_hook(
             lambda opt, args, kwargs, captured=captured: captured.update(
@@ -226,7 +216,7 @@ def test_every_op_input_lives_on_the_models_device(adapter, test_image, monkeypa
     seen = []
     monkeypatch.setattr(dispatch, "triton_usable", lambda t: seen.append(t.device) or t.device == model_device)
     loop = AdaptationLoop(adapter.vlm, TTRVConfig(rollouts=6, max_new_tokens=6, backend="triton", beta=0.1))
-    item = loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    item = loop.prepare("img", test_image, SignalQuestion("Describe it."))
     groups = [loop.sample(item, seed=1)]
     with torch.device("meta"):
         outcome = loop.update(groups)
@@ -239,7 +229,7 @@ def test_groups_without_signal_do_not_dilute_the_token_mean(adapter, test_image)
     from ttrv_edge.models import load_lora_state, lora_state
 
     loop = adapter.loop
-    item = loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    item = loop.prepare("img", test_image, SignalQuestion("Describe it."))
     informative = loop.sample(item, seed=1)
     agreeing = (loop.sample(item, seed=2)[0], ["x"] * 6)
     start = lora_state(adapter.vlm.model)

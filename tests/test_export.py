@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import parity_images, perturbed_adapter, torch_greedy
 
 from ttrv_edge.export.graphs import probe_image
 from ttrv_edge.export.merge import base_model_for, merge_lora
@@ -41,11 +41,6 @@ QUESTIONS = (
 )
 
 
-def _images() -> list[Image.Image]:
-    noise = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    return [probe_image(64), probe_image(96).resize((80, 48)), Image.fromarray(noise)]
-
-
 @dataclass
 class Exported:
     arch: str
@@ -56,27 +51,12 @@ class Exported:
     manifest: dict
 
 
-def _adapted(model_dir: Path, root: Path):
-    """The tiny model with LoRA everywhere and trained vision norms that change its outputs (lora_B starts at zero,
-    the norm copies at the base's values), saved under root/adapter."""
-    vlm = load_vlm(str(model_dir), device="cpu", dtype=torch.float32, lora_targets="all", train_norms=True)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in vlm.model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-            elif ".modules_to_save." in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-    vlm.model.save_pretrained(root / "adapter", safe_serialization=True)
-    return vlm, root / "adapter"
-
-
 @pytest.fixture(scope="module")
 def qwen2vl_background(tmp_path_factory, tiny_qwen2vl_dir):
     """Starts `ttrv-edge export` of the Qwen2-VL adapter in a subprocess, so that it runs on the second core while
     the Idefics3 export runs in this process (exports are single-threaded tracing)."""
     root = tmp_path_factory.mktemp("export-qwen2_vl")
-    vlm, adapter = _adapted(tiny_qwen2vl_dir, root)
+    vlm, adapter = perturbed_adapter(tiny_qwen2vl_dir, root)
     command = [sys.executable, "-m", "ttrv_edge", "export", str(adapter), str(root / "onnx"), "--json"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     yield Exported("qwen2_vl", Path(tiny_qwen2vl_dir), vlm, adapter, root / "onnx", {}), process
@@ -88,7 +68,7 @@ def qwen2vl_background(tmp_path_factory, tiny_qwen2vl_dir):
 @pytest.fixture(scope="module")
 def idefics3_export(tmp_path_factory, tiny_idefics3_dir, qwen2vl_background):
     root = tmp_path_factory.mktemp("export-idefics3")
-    vlm, adapter = _adapted(tiny_idefics3_dir, root)
+    vlm, adapter = perturbed_adapter(tiny_idefics3_dir, root)
     manifest = export_onnx(adapter, root / "onnx", int8=True)
     return Exported("idefics3", Path(tiny_idefics3_dir), vlm, adapter, root / "onnx", manifest)
 
@@ -107,30 +87,14 @@ def qwen2vl_export(qwen2vl_background):
 ARCHS = ("idefics3_export", "qwen2vl_export")
 
 
-def _torch_greedy(vlm, image, prompt: str):
-    inputs = vlm.prompt_inputs(image, prompt)
-    with torch.no_grad():
-        out = vlm.model.generate(
-            **inputs,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=vlm.eos_token_ids,
-            pad_token_id=vlm.pad_token_id,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    return inputs, tokens, [step[0].numpy() for step in out.logits]
-
-
 @pytest.mark.parametrize("fixture", ARCHS)
 def test_greedy_answers_and_logits_match_torch(fixture, request):
     exported = request.getfixturevalue(fixture)
     runner = OnnxVLM(exported.out_dir)
     worst, tokens_seen = 0.0, 0
-    for image in _images():
+    for image in parity_images():
         for question in QUESTIONS:
-            inputs, ref_tokens, ref_logits = _torch_greedy(exported.vlm, image, question.prompt())
+            inputs, ref_tokens, ref_logits = torch_greedy(exported.vlm, image, question.prompt(), NEW_TOKENS)
             result = runner.generate(image, question.prompt(), max_new_tokens=NEW_TOKENS, return_logits=True)
             assert result.token_ids == ref_tokens
             assert result.prompt_tokens == inputs["input_ids"].shape[1]
@@ -176,7 +140,7 @@ def test_merged_weights_equal_adapter_on_outputs(fixture, request):
 def test_preprocessing_matches_the_transformers_processor(fixture, request):
     exported = request.getfixturevalue(fixture)
     runner, vlm = OnnxVLM(exported.out_dir), exported.vlm
-    for image in _images():
+    for image in parity_images():
         prompt = runner.chat.render(QUESTIONS[0].prompt())
         batch = vlm.processor(images=[image], text=[prompt], return_tensors="np")
         prepared = runner.prepare(image, QUESTIONS[0].prompt())
@@ -272,7 +236,7 @@ def test_int8_graphs_are_smaller_and_close(idefics3_export):
 
 
 def test_answer_command_does_not_import_torch(idefics3_export, tmp_path):
-    image = _images()[1]
+    image = parity_images()[1]
     image.save(tmp_path / "image.png")
     question = QUESTIONS[0]
     code = (
@@ -350,7 +314,7 @@ def test_quantized_base_is_dequantized_before_the_merge(idefics3_export):
 def test_two_image_prompts_match_torch(fixture, request, tmp_path):
     exported = request.getfixturevalue(fixture)
     runner, vlm = OnnxVLM(exported.out_dir), exported.vlm
-    pictures = _images()[:2]
+    pictures = parity_images()[:2]
     prompt = QUESTIONS[0].prompt()
     batch = vlm.processor(images=[pictures], text=[runner.chat.render(prompt, images=2)], return_tensors="np")
     prepared = runner.prepare(pictures, prompt)
@@ -359,7 +323,7 @@ def test_two_image_prompts_match_torch(fixture, request, tmp_path):
     np.testing.assert_allclose(prepared.vision_feeds["pixel_values"], pixels, atol=1e-6, rtol=0)
     if exported.arch == "qwen2_vl":
         _check_qwen2vl_positions(vlm, batch, prepared)
-    inputs, ref_tokens, ref_logits = _torch_greedy(vlm, pictures, prompt)
+    inputs, ref_tokens, ref_logits = torch_greedy(vlm, pictures, prompt, NEW_TOKENS)
     result = runner.generate(pictures, prompt, max_new_tokens=NEW_TOKENS, return_logits=True)
     assert result.token_ids == ref_tokens and result.prompt_tokens == inputs["input_ids"].shape[1]
     assert max(float(np.abs(a - b).max()) for a, b in zip(result.logits, ref_logits)) < 1e-4

@@ -7,22 +7,28 @@ The images cover one tile (64x64, no thumbnail), 6 tiles + thumbnail (80x48) and
 so every check runs through InternVL's tiling. Tolerances as in tests/test_export.py (onnxruntime vs torch logits
 1e-4, measured ~1e-6; pixels 1e-6, measured 0)."""
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import (
+    SignalQuestion,
+    check_int8_base_adapts,
+    check_shared_prefix_greedy,
+    export_perturbed,
+    noise_image,
+    parity_images,
+    perturb,
+    torch_greedy,
+)
 
 from ttrv_edge.api import TTRVModel
-from ttrv_edge.export.graphs import image_config, probe_image
-from ttrv_edge.export.onnx import export_onnx
+from ttrv_edge.export.graphs import image_config
 from ttrv_edge.io.answers import Question
 from ttrv_edge.io.inputs import Item
 from ttrv_edge.models import base_model, load_vlm
 from ttrv_edge.models.builders import random_vlm_parts, tiny_config
 from ttrv_edge.models.families import TINY_NAMES
-from ttrv_edge.rl.sampling import generate_completions, greedy_text, sample_rollouts, work_shape
+from ttrv_edge.rl.sampling import greedy_text, sample_rollouts, work_shape
 from ttrv_edge.rl.scoring import completion_logprobs
 from ttrv_edge.runtime.families import internvl as runtime
 from ttrv_edge.runtime.runner import OnnxVLM
@@ -33,22 +39,6 @@ QUESTIONS = (
     Question("Which shape is red?", choices=("circle", "square", "star")),
     Question("How many shapes are there?", numeric=True),
 )
-
-
-def _images() -> list[Image.Image]:
-    noise = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    return [probe_image(64), probe_image(96).resize((80, 48)), Image.fromarray(noise)]
-
-
-@dataclass(frozen=True)
-class Alternating(Question):
-    """Answers "x", "x", "y", ... in call order, so every group of the random model carries a reward signal."""
-
-    calls: list = field(default_factory=list, compare=False)
-
-    def extract(self, text: str) -> str | None:
-        self.calls.append(text)
-        return "xxy"[len(self.calls) % 3]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +73,7 @@ def test_tiny_internvl_is_the_real_family(model_dir):
     assert {context, start, end} <= set(vlm.suppress_token_ids)
     assert vlm.eos_token_ids == _tokens(tokenizer, "<|im_end|>")
     # the chat template places <IMG_CONTEXT>; the processor expands it to <img> + 16 x tiles + </img>
-    inputs = vlm.prompt_inputs(_images()[1], "What is it?")
+    inputs = vlm.prompt_inputs(parity_images()[1], "What is it?")
     assert inputs["pixel_values"].shape == (7, 3, 64, 64)
     ids = inputs["input_ids"][0].tolist()
     assert ids.count(context) == 7 * 16 and ids.count(start) == ids.count(end) == 1
@@ -115,7 +105,7 @@ def test_lora_targets_find_internvits_attention_and_the_projector(model_dir):
 def test_episodic_adaptation_updates_resets_and_plans_memory(model_dir):
     api = TTRVModel.from_pretrained(str(model_dir), **FAST)
     loop, vlm = api.loop, api.vlm
-    item = loop.prepare("img", _images()[1], Alternating("Describe it."))
+    item = loop.prepare("img", parity_images()[1], SignalQuestion("Describe it."))
     with torch.no_grad():
         reference = vlm.model(**item.inputs).logits
     result = loop.adapt_episode(item)
@@ -134,10 +124,10 @@ def test_episodic_adaptation_updates_resets_and_plans_memory(model_dir):
 def test_transductive_adaptation_over_a_set(model_dir, tmp_path):
     api = TTRVModel.from_pretrained(str(model_dir), rollouts=4, views=1, epochs=1, max_new_tokens=4, lr=5e-2)
     paths = []
-    for i, image in enumerate(_images()[:2]):
+    for i, image in enumerate(parity_images()[:2]):
         paths.append(tmp_path / f"{i}.png")
         image.save(paths[-1])
-    results = api.adapt_dataset([Item(str(p), Alternating("Describe it.")) for p in paths])
+    results = api.adapt_dataset([Item(str(p), SignalQuestion("Describe it.")) for p in paths])
     assert [r.image for r in results] == [str(p) for p in paths]
     steps = [s for r in results for s in r.steps]
     assert len(steps) == 2 and any(s.updated for s in steps)
@@ -145,15 +135,7 @@ def test_transductive_adaptation_over_a_set(model_dir, tmp_path):
 
 
 def test_int8_base_adapts(model_dir):
-    from optimum.quanto import QLinear
-
-    api = TTRVModel.from_pretrained(str(model_dir), quantize="int8", **FAST)
-    model = api.vlm.model
-    quantized = [n for n, m in model.named_modules() if isinstance(m, QLinear)]
-    assert quantized and all("language_model" in n for n in quantized)
-    item = api.loop.prepare("img", _images()[0], Alternating("Describe it."))
-    record = api.loop.step([item], step=0, seed=1)
-    assert record.updated and record.logprob_gap < 1e-3
+    api = check_int8_base_adapts(model_dir, parity_images()[0], FAST, quantized_under="language_model")
     api.reset()
 
 
@@ -161,15 +143,9 @@ def test_shared_prefix_sampling_and_scoring_are_exact(model_dir):
     """The prompt prefilled once for N rows (sampler) and run once for N rows (scorer) give the plain N-row
     results with a multi-tile image (pixel rows repeated per completion row: [N * tiles, 3, H, W])."""
     vlm = load_vlm(str(model_dir), lora_targets="all", train_norms=True)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in vlm.model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    inputs = vlm.prompt_inputs(_images()[1], "What is it?")
-    plain = generate_completions(vlm, inputs, 1, max_new_tokens=6, temperature=None, shared_prefix=False).ids
-    shared = generate_completions(vlm, inputs, 2, max_new_tokens=6, temperature=None, shared_prefix=True).ids
-    assert all(row.tolist() == plain[0].tolist() for row in shared)
+    perturb(vlm.model, 0.05)
+    inputs = vlm.prompt_inputs(parity_images()[1], "What is it?")
+    check_shared_prefix_greedy(vlm, inputs, 2, max_new_tokens=6)
     rollouts = sample_rollouts(vlm, inputs, 3, temperature=1.0, max_new_tokens=6, seed=1)
     paths = [dict(share_prefix=True), dict(share_prefix=False, share_vision=True), dict(share_prefix=False)]
     with torch.no_grad():
@@ -186,18 +162,7 @@ def test_shared_prefix_sampling_and_scoring_are_exact(model_dir):
 @pytest.fixture(scope="module")
 def exported(model_dir, tmp_path_factory):
     """The tiny model with a perturbed adapter everywhere (LoRA on both sides, vision norms), exported once."""
-    root = tmp_path_factory.mktemp("export-internvl")
-    vlm = load_vlm(str(model_dir), device="cpu", dtype=torch.float32, lora_targets="all", train_norms=True)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in vlm.model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-            elif ".modules_to_save." in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-    vlm.model.save_pretrained(root / "adapter", safe_serialization=True)
-    manifest = export_onnx(root / "adapter", root / "onnx")
-    return vlm, root / "onnx", manifest
+    return export_perturbed(model_dir, tmp_path_factory.mktemp("export-internvl"))
 
 
 def test_onnx_greedy_answers_equal_torch(exported):
@@ -206,24 +171,13 @@ def test_onnx_greedy_answers_equal_torch(exported):
     assert manifest["check"]["tokens_equal"] and manifest["check"]["max_abs_logit_diff"] < 1e-4
     runner = OnnxVLM(out)
     worst, seen = 0.0, 0
-    for image in [*_images(), _images()[:2]]:  # the last: a two-image prompt
+    for image in [*parity_images(), parity_images()[:2]]:  # the last: a two-image prompt
         for question in QUESTIONS:
-            inputs = vlm.prompt_inputs(image, question.prompt())
-            with torch.no_grad():
-                ref = vlm.model.generate(
-                    **inputs,
-                    max_new_tokens=NEW_TOKENS,
-                    do_sample=False,
-                    eos_token_id=vlm.eos_token_ids,
-                    pad_token_id=vlm.pad_token_id,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                )
-            tokens = ref.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+            inputs, tokens, logits = torch_greedy(vlm, image, question.prompt(), NEW_TOKENS)
             result = runner.generate(image, question.prompt(), max_new_tokens=NEW_TOKENS, return_logits=True)
             assert result.token_ids == tokens and result.prompt_tokens == inputs["input_ids"].shape[1]
             assert result.text == greedy_text(vlm, inputs, max_new_tokens=NEW_TOKENS)
-            diffs = [float(np.abs(a - b[0].numpy()).max()) for a, b in zip(result.logits, ref.logits, strict=True)]
+            diffs = [float(np.abs(a - b).max()) for a, b in zip(result.logits, logits, strict=True)]
             worst, seen = max(worst, *diffs), seen + len(tokens)
     assert worst < 1e-4 and seen > 2 * len(QUESTIONS)
 
@@ -232,7 +186,7 @@ def test_onnx_preprocessing_matches_the_processor(exported):
     vlm, out, manifest = exported
     runner = OnnxVLM(out)
     assert manifest["preprocess"]["crop_to_patches"] and manifest["preprocess"]["max_patches"] == 12
-    for image, tiles in zip(_images(), (1, 7, 13), strict=True):
+    for image, tiles in zip(parity_images(), (1, 7, 13), strict=True):
         prompt = runner.chat.render(QUESTIONS[0].prompt())
         batch = vlm.processor(images=[image], text=[prompt], return_tensors="np")
         prepared = runner.prepare(image, QUESTIONS[0].prompt())
@@ -256,7 +210,7 @@ def test_tiling_off_setting_survives_save_and_reaches_the_runtime():
     config, settings = tiny_config("internvl", 64, 64, 2, 8)
     _, _, processor, _ = random_vlm_parts(config, {**settings, "crop_to_patches": False})
     cfg = image_config(processor, "internvl")
-    image = _images()[2]
+    image = noise_image()
     batch = processor(images=[image], text=["look <IMG_CONTEXT> here"], return_tensors="np")
     assert batch["pixel_values"].shape == (1, 3, 64, 64) and cfg["max_patches"] == 1
     np.testing.assert_allclose(runtime.pixels(image, cfg), batch["pixel_values"], atol=1e-6, rtol=0)

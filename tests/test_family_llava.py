@@ -13,26 +13,33 @@ Each tower is exported once (module-scoped fixture).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    SignalQuestion,
+    check_shared_prefix_greedy,
+    export_perturbed,
+    lora_snapshot,
+    parity_images,
+    perturb,
+    torch_greedy,
+)
 from PIL import Image
 
 from ttrv_edge.api import TTRVModel
 from ttrv_edge.config import TTRVConfig
 from ttrv_edge.export.graphs import probe_image
-from ttrv_edge.export.onnx import export_onnx
-from ttrv_edge.io.answers import Question
 from ttrv_edge.io.inputs import Item
 from ttrv_edge.memory import MemoryPlanner, model_costs
 from ttrv_edge.models import load_vlm, vision_tower
 from ttrv_edge.models.builders import build_random_vlm
 from ttrv_edge.models.families import TINY_NAMES, llava
 from ttrv_edge.rl.loop import AdaptationLoop
-from ttrv_edge.rl.sampling import generate_completions, sample_rollouts, work_shape
+from ttrv_edge.rl.sampling import sample_rollouts, work_shape
 from ttrv_edge.rl.scoring import completion_logprobs
 from ttrv_edge.runtime.families import llava as llava_runtime
 from ttrv_edge.runtime.runner import OnnxVLM
@@ -40,17 +47,6 @@ from ttrv_edge.runtime.runner import OnnxVLM
 TOWERS = ("clip", "siglip")
 FAST = dict(rollouts=4, views=1, max_new_tokens=4, lr=5e-2, seed=3)
 NEW_TOKENS = 8
-
-
-@dataclass(frozen=True)
-class SignalQuestion(Question):
-    """Answers "x", "x", "y", ... in call order, so a random model's group always carries a learning signal."""
-
-    calls: list = field(default_factory=list, compare=False)
-
-    def extract(self, text: str) -> str | None:
-        self.calls.append(text)
-        return "xxy"[len(self.calls) % 3]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +57,7 @@ def llava_dirs(tiny_family_dir, tmp_path_factory):
 
 
 def _images() -> list[Image.Image]:
-    noise = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    return [probe_image(64), probe_image(96).resize((80, 48)), Image.fromarray(noise), probe_image(96).resize((40, 90))]
+    return [*parity_images(), probe_image(96).resize((40, 90))]
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -156,14 +151,8 @@ def test_shared_prefix_sampling_and_scoring_are_exact(llava_dirs, test_image):
     log-probs and gradients, with the tower and the projector trained."""
     vlm = load_vlm(str(llava_dirs["clip"]), device="cpu", dtype=torch.float32, lora_targets="all", train_norms=True)
     inputs = vlm.prompt_inputs(test_image, "What is it?")
-    plain = generate_completions(vlm, inputs, 1, max_new_tokens=8, temperature=None, shared_prefix=False).ids
-    shared = generate_completions(vlm, inputs, 3, max_new_tokens=8, temperature=None, shared_prefix=True).ids
-    assert all(row.tolist() == plain[0].tolist() for row in shared)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in vlm.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    check_shared_prefix_greedy(vlm, inputs, 3, max_new_tokens=8)
+    perturb(vlm.model, 0.05)
     rollouts = sample_rollouts(vlm, inputs, 4, temperature=1.0, max_new_tokens=6, seed=1)
     params = [p for p in vlm.model.parameters() if p.requires_grad]
     results = []
@@ -199,7 +188,7 @@ def test_int8_base_adapts(llava_dirs, test_image):
     assert type(base.vision_tower.encoder.layers[0].mlp.fc1) is torch.nn.Linear
     assert type(base.multi_modal_projector.linear_1) is torch.nn.Linear
     loop = AdaptationLoop(vlm, TTRVConfig(rollouts=4, max_new_tokens=4, lr=5e-2, quantize="int8"))
-    before = {n: p.detach().clone() for n, p in vlm.model.named_parameters() if "lora_" in n}
+    before = lora_snapshot(vlm.model)
     record = loop.step([loop.prepare("img", test_image, SignalQuestion("Describe it."))], 0, seed=1)
     assert record.updated and record.logprob_gap < 1e-3
     assert any(not torch.equal(p, before[n]) for n, p in vlm.model.named_parameters() if n in before)
@@ -220,34 +209,7 @@ def exported(request, llava_dirs, tmp_path_factory):
     """The tiny model with LoRA everywhere and trained vision norms, all perturbed (lora_B starts at zero, the norm
     copies at the base's values), exported once per tower."""
     root = tmp_path_factory.mktemp(f"export-llava-{request.param}")
-    vlm = load_vlm(
-        str(llava_dirs[request.param]), device="cpu", dtype=torch.float32, lora_targets="all", train_norms=True
-    )
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in vlm.model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-            elif ".modules_to_save." in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-    vlm.model.save_pretrained(root / "adapter", safe_serialization=True)
-    manifest = export_onnx(root / "adapter", root / "onnx")
-    return Exported(vlm, root / "onnx", manifest)
-
-
-def _torch_greedy(vlm, image, prompt: str):
-    inputs = vlm.prompt_inputs(image, prompt)
-    with torch.no_grad():
-        out = vlm.model.generate(
-            **inputs,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=vlm.eos_token_ids,
-            pad_token_id=vlm.pad_token_id,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences[0, inputs["input_ids"].shape[1] :].tolist(), [step[0].numpy() for step in out.logits]
+    return Exported(*export_perturbed(llava_dirs[request.param], root))
 
 
 def test_onnx_greedy_answers_equal_torch(exported):
@@ -257,7 +219,7 @@ def test_onnx_greedy_answers_equal_torch(exported):
     worst, tokens_seen = 0.0, 0
     cases = [(image, "Which shape is red?") for image in _images()] + [(_images()[:2], "Are they the same?")]
     for image, prompt in cases:
-        ref_tokens, ref_logits = _torch_greedy(vlm, image, prompt)
+        _, ref_tokens, ref_logits = torch_greedy(vlm, image, prompt, NEW_TOKENS)
         result = runner.generate(image, prompt, max_new_tokens=NEW_TOKENS, return_logits=True)
         assert result.token_ids == ref_tokens
         worst = max(worst, *(float(np.abs(a - b).max()) for a, b in zip(result.logits, ref_logits)))

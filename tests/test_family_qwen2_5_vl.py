@@ -9,50 +9,32 @@ Tolerances as in test_export.py: onnxruntime vs torch logits 1e-4 (measured ~1e-
 """
 
 import re
-import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import (
+    check_episodic_step_reset_and_transductive_run,
+    check_int8_base_adapts,
+    check_onnx_greedy_equals_torch,
+    check_shared_prefix_scoring_and_memory_plan,
+    check_tiny_name_resolves,
+    export_perturbed,
+    parity_images,
+)
 
-from ttrv_edge.api import TTRVModel
 from ttrv_edge.export.families.qwen2_5_vl import window_of, window_span
-from ttrv_edge.export.graphs import probe_image
-from ttrv_edge.export.onnx import export_onnx
 from ttrv_edge.io.answers import Question
-from ttrv_edge.io.inputs import Item
-from ttrv_edge.memory import MemoryPlanner, model_costs
-from ttrv_edge.memory.costs import WorkShape
+from ttrv_edge.memory import model_costs
 from ttrv_edge.models import load_vlm, vision_tower
-from ttrv_edge.models.families import TINY_NAMES
 from ttrv_edge.models.lora import adapted_parts
-from ttrv_edge.rl.sampling import generate_completions, sample_rollouts
-from ttrv_edge.rl.scoring import completion_logprobs
 from ttrv_edge.runtime.runner import OnnxVLM
 
 MODEL_TYPE = "qwen2_5_vl"
 FAST = dict(rollouts=4, views=1, steps=1, max_new_tokens=4, lr=5e-2, seed=3)
 NEW_TOKENS = 8
 QUESTIONS = (Question("Which shape is red?", choices=("circle", "square")), Question("How many?", numeric=True))
-
-
-@dataclass(frozen=True)
-class SignalQuestion(Question):
-    """Answers "x", "x", "y", ... in call order, so a random model's group always carries a learning signal."""
-
-    calls: list = field(default_factory=list, compare=False)
-
-    def extract(self, text: str) -> str | None:
-        self.calls.append(text)
-        return "xxy"[len(self.calls) % 3]
-
-
-def _images() -> list[Image.Image]:
-    noise = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    return [probe_image(64), probe_image(96).resize((80, 48)), Image.fromarray(noise)]
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +47,12 @@ def vlm(model_dir):
     return load_vlm(str(model_dir), device="cpu", dtype=torch.float32)
 
 
-def _lora(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
 # ----------------------------------------------------------------------------------------------- model
 
 
 def test_real_classes_template_and_placeholders(vlm, model_dir, monkeypatch, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from ttrv_edge.models.builders import tiny_cache_dir
-    from ttrv_edge.models.loading import resolve_model_path
 
     base = vlm.model.get_base_model()
     assert type(base) is Qwen2_5_VLForConditionalGeneration
@@ -101,10 +76,7 @@ def test_real_classes_template_and_placeholders(vlm, model_dir, monkeypatch, tmp
         "<|vision_start|><|image_pad|><|vision_end|>Is it red?<|im_end|>\n<|im_start|>assistant\n"
     )
     # --model tiny-qwen2.5-vl resolves to the cached build of this family
-    monkeypatch.setenv("TTRV_EDGE_CACHE", str(tmp_path))
-    assert TINY_NAMES["tiny-qwen2.5-vl"] == MODEL_TYPE
-    shutil.copytree(model_dir, tiny_cache_dir(MODEL_TYPE))
-    assert resolve_model_path("tiny-qwen2.5-vl") == str(tiny_cache_dir(MODEL_TYPE))
+    check_tiny_name_resolves("tiny-qwen2.5-vl", MODEL_TYPE, model_dir, monkeypatch, tmp_path)
 
 
 def test_vision_lora_and_norms_land_on_the_window_attention_tower(model_dir):
@@ -152,58 +124,17 @@ def test_window_partition_matches_transformers():
 
 
 def test_episodic_step_reset_and_transductive_run(model_dir, test_image, tmp_path):
-    api = TTRVModel.from_pretrained(str(model_dir), **FAST)
-    item = api.loop.prepare("img", test_image, SignalQuestion("Describe it."))
-    before = _lora(api.vlm.model)
-    record = api.loop.step([item], step=0, seed=1)
-    assert record.updated and record.logprob_gap is not None and record.logprob_gap < 1e-3
-    after = _lora(api.vlm.model)
-    assert any(not torch.equal(before[n], after[n]) for n in before)
-    api.loop.reset()
-    assert all(torch.equal(before[n], p) for n, p in _lora(api.vlm.model).items())
-    result = api.adapt(test_image, "Which shape?", choices=["circle", "square"])
-    assert result.steps and result.after is not None
-    paths = []
-    for i in range(2):
-        paths.append(tmp_path / f"{i}.png")
-        test_image.rotate(90 * i).save(paths[-1])
-    items = [Item(str(p), SignalQuestion("Describe it.")) for p in paths]
-    results = TTRVModel.from_pretrained(str(model_dir), epochs=1, **FAST).adapt_dataset(items)
-    assert [r.image for r in results] == [str(p) for p in paths] and all(r.after is not None for r in results)
-    assert sum(len(r.steps) for r in results) == 2
+    check_episodic_step_reset_and_transductive_run(model_dir, test_image, tmp_path, FAST)
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_int8_base_adapts(model_dir, test_image):
     pytest.importorskip("optimum.quanto")
-    from optimum.quanto import QLinear
-
-    api = TTRVModel.from_pretrained(str(model_dir), quantize="int8", **FAST)
-    quantized = [n for n, m in api.vlm.model.named_modules() if isinstance(m, QLinear)]
-    assert quantized and all("language_model" in n for n in quantized)
-    item = api.loop.prepare("img", test_image, SignalQuestion("Describe it."))
-    record = api.loop.step([item], step=0, seed=1)
-    assert record.updated and record.logprob_gap < 1e-3
+    check_int8_base_adapts(model_dir, test_image, FAST, quantized_under="language_model")
 
 
 def test_shared_prefix_sampling_scoring_and_memory_plan(vlm, test_image):
-    inputs = vlm.prompt_inputs(test_image, "What is it?")
-    plain = generate_completions(vlm, inputs, 1, max_new_tokens=8, temperature=None, shared_prefix=False).ids
-    shared = generate_completions(vlm, inputs, 3, max_new_tokens=8, temperature=None, shared_prefix=True).ids
-    assert all(row.tolist() == plain[0].tolist() for row in shared)
-    rollouts = sample_rollouts(vlm, inputs, 4, temperature=1.0, max_new_tokens=6, seed=1)
-    keep = rollouts.completion_mask.bool()
-    with torch.no_grad():
-        paths = [
-            completion_logprobs(vlm, rollouts, temperature=1.0, backend="torch", **options)[0]
-            for options in ({}, {"share_prefix": False}, {"share_prefix": False, "share_vision": False})
-        ]
-    for logp in paths:
-        assert float((logp - rollouts.sampler_logp).abs()[keep].max()) < 1e-4
-    planner = MemoryPlanner(vlm.model, None)
-    shape = WorkShape(prompt_tokens=inputs["input_ids"].shape[1], new_tokens=16, vision_tokens=64)
-    for phase in ("sample", "train"):
-        assert planner.estimate(phase, 4, shape) > planner.estimate(phase, 1, shape) > 0
+    check_shared_prefix_scoring_and_memory_plan(vlm, test_image, vision_tokens=64)
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -212,46 +143,14 @@ def test_shared_prefix_sampling_scoring_and_memory_plan(vlm, test_image):
 @pytest.fixture(scope="module")
 def exported(model_dir, tmp_path_factory):
     """The tiny model with LoRA everywhere and trained vision norms, all perturbed, exported once."""
-    root = tmp_path_factory.mktemp("export-qwen2_5_vl")
-    adapted = load_vlm(str(model_dir), device="cpu", dtype=torch.float32, lora_targets="all", train_norms=True)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in adapted.model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-            elif ".modules_to_save." in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-    adapted.model.save_pretrained(root / "adapter", safe_serialization=True)
-    manifest = export_onnx(root / "adapter", root / "onnx")
-    return adapted, OnnxVLM(root / "onnx"), manifest
-
-
-def _torch_greedy(vlm, image, prompt: str):
-    inputs = vlm.prompt_inputs(image, prompt)
-    with torch.no_grad():
-        out = vlm.model.generate(
-            **inputs,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=vlm.eos_token_ids,
-            pad_token_id=vlm.pad_token_id,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    return inputs, out.sequences[0, inputs["input_ids"].shape[1] :].tolist(), [s[0].numpy() for s in out.logits]
+    vlm, out, manifest = export_perturbed(model_dir, tmp_path_factory.mktemp("export-qwen2_5_vl"))
+    return vlm, OnnxVLM(out), manifest
 
 
 def test_onnx_greedy_answers_equal_torch(exported):
     vlm, runner, manifest = exported
     assert manifest["architecture"] == MODEL_TYPE and manifest["check"]["tokens_equal"]
-    worst = 0.0
-    cases = [(image, q.prompt()) for image in _images() for q in QUESTIONS] + [(_images()[:2], QUESTIONS[0].prompt())]
-    for image, prompt in cases:
-        inputs, tokens, logits = _torch_greedy(vlm, image, prompt)
-        result = runner.generate(image, prompt, max_new_tokens=NEW_TOKENS, return_logits=True)
-        assert result.token_ids == tokens and result.prompt_tokens == inputs["input_ids"].shape[1]
-        worst = max(worst, *(float(np.abs(a - b).max()) for a, b in zip(result.logits, logits)))
-    assert worst < 1e-4
+    check_onnx_greedy_equals_torch(vlm, runner, parity_images(), QUESTIONS, NEW_TOKENS)
 
 
 def test_onnx_inputs_and_image_features_equal_the_processor_and_tower(exported):
@@ -261,7 +160,7 @@ def test_onnx_inputs_and_image_features_equal_the_processor_and_tower(exported):
 
     vlm, runner, _ = exported
     inner = vlm.model.get_base_model().model
-    for image in _images()[1:2] + [_images()[:2]]:
+    for image in parity_images()[1:2] + [parity_images()[:2]]:
         images = image if isinstance(image, list) else [image]
         prompt = runner.chat.render("Is it red?", images=len(images))
         batch = vlm.processor(images=[images] if len(images) > 1 else images, text=[prompt], return_tensors="pt")

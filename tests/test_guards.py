@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from helpers import SignalQuestion
 from PIL import Image
 
 from ttrv_edge.api import TTRVModel
@@ -17,17 +18,6 @@ from ttrv_edge.rl.diversity import Observation, diversity
 from ttrv_edge.rl.guards import NONFINITE_GRADIENT, NONFINITE_LOSS, CollapseGuard
 
 FAST = dict(rollouts=6, views=1, max_new_tokens=4, seed=1)  # 6 rollouts: any 6 calls of SignalQuestion give 4 x, 2 y
-
-
-@dataclass(frozen=True)
-class SignalQuestion(Question):
-    """Answers "x", "x", "y", ... in call order, so every group carries a learning signal."""
-
-    calls: list = field(default_factory=list, compare=False)
-
-    def extract(self, text: str) -> str | None:
-        self.calls.append(text)
-        return "xxy"[len(self.calls) % 3]
 
 
 def _optimizer_state(optimizer) -> dict:

@@ -60,7 +60,7 @@ NORMS = {
 
 
 @dataclass(frozen=True)
-class SignalQuestion(Question):
+class TextLengthQuestion(Question):
     """Answers depend on the sampled text, so groups carry signal and the run depends on the weights."""
 
     calls: list = field(default_factory=list, compare=False)
@@ -140,7 +140,7 @@ def test_a_step_changes_only_the_chosen_weights(arch, request, test_image):
     api = TTRVModel.from_pretrained(str(request.getfixturevalue(arch)), lora_targets="vision", train_norms=True, **FAST)
     _randomise(api.vlm.model)
     before = {n: p.detach().clone() for n, p in api.vlm.model.named_parameters()}
-    item = api.loop.prepare("img", test_image, SignalQuestion("Describe it."))
+    item = api.loop.prepare("img", test_image, TextLengthQuestion("Describe it."))
     record = api.loop.step([item], step=0, seed=1)
     assert record.updated and record.loss is not None
     after = dict(api.vlm.model.named_parameters())
@@ -157,7 +157,7 @@ def test_save_load_reset_round_trip_with_norms(arch, request, test_image, tmp_pa
     options = dict(lora_targets="all", train_norms=True, **FAST)
     api = TTRVModel.from_pretrained(model_dir, **options)
     start = lora_state(api.vlm.model)
-    item = api.loop.prepare("img", test_image, SignalQuestion("Describe it."))
+    item = api.loop.prepare("img", test_image, TextLengthQuestion("Describe it."))
     with torch.no_grad():
         reference = api.vlm.model(**item.inputs).logits
     _randomise(api.vlm.model, scale=0.2)
@@ -213,7 +213,7 @@ def test_transductive_run_resumes_with_norms(tiny_qwen2vl_dir, test_image, tmp_p
     options = dict(epochs=2, lora_targets="vision", train_norms=True, **FAST)
     for k in range(2):
         test_image.rotate(90 * k).save(tmp_path / f"{k}.png")
-    items = [Item(str(tmp_path / f"{k}.png"), SignalQuestion("What?")) for k in range(2)]
+    items = [Item(str(tmp_path / f"{k}.png"), TextLengthQuestion("What?")) for k in range(2)]
     reference = TTRVModel.from_pretrained(str(tiny_qwen2vl_dir), **options)
     reference.adapt_dataset(items, checkpoint_dir=tmp_path / "ref")
 

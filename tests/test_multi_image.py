@@ -4,9 +4,9 @@ the sampler and the loss score the same tokens (log-prob gap), views transform e
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 import pytest
+from helpers import SignalQuestion
 from PIL import Image, ImageDraw
 
 from ttrv_edge.io.answers import Question
@@ -16,17 +16,6 @@ from ttrv_edge.rl.views import load_rgb, make_views
 
 FAST = dict(rollouts=8, max_new_tokens=4, lr=5e-2, seed=3)
 QUESTION = Question("Which colour is in the second picture?", choices=("red", "blue"))
-
-
-@dataclass(frozen=True)
-class SignalQuestion(Question):
-    """Answers "x", "x", "y", ... in call order, so a random model's group always carries a learning signal."""
-
-    calls: list = field(default_factory=list, compare=False)
-
-    def extract(self, text: str) -> str | None:
-        self.calls.append(text)
-        return "xxy"[len(self.calls) % 3]
 
 
 def _pictures() -> list[Image.Image]:

@@ -4,22 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SignalQuestion, perturb
 
 from ttrv_edge.config import TTRVConfig
-from ttrv_edge.io.answers import Question
 from ttrv_edge.memory import model_costs
 from ttrv_edge.models import lm_head, load_vlm, vision_tower
 from ttrv_edge.models.quantize import check_quantize, is_quantized
 from ttrv_edge.rl.loop import AdaptationLoop
 
 pytest.importorskip("optimum.quanto", reason="optimum-quanto is a dev dependency of the quantized path")
-
-
-class Pattern(Question):
-    def extract(self, text):
-        count = self.__dict__.setdefault("_count", [0])
-        count[0] += 1
-        return "xxy"[count[0] % 3]
 
 
 def _snapshot(model) -> dict[str, list[torch.Tensor]]:
@@ -65,7 +58,7 @@ def test_int8_weights_are_smaller_and_outputs_close(int8_vlm, tiny_idefics3_dir,
 
 def test_int8_step_changes_only_lora(int8_vlm, test_image):
     loop = AdaptationLoop(int8_vlm, TTRVConfig(rollouts=6, max_new_tokens=5, lr=5e-2, quantize="int8"))
-    item = loop.prepare("img", test_image, Pattern("Describe it."))
+    item = loop.prepare("img", test_image, SignalQuestion("Describe it."))
     before = _snapshot(int8_vlm.model)
     assert loop.step([item], 0, seed=1).updated
     after = _snapshot(int8_vlm.model)
@@ -104,7 +97,7 @@ def _quanto_extension_built() -> bool:
 def test_int4_step_runs_and_changes_only_lora(tiny_idefics3_dir, test_image):
     vlm = load_vlm(str(tiny_idefics3_dir), quantize="int4")
     loop = AdaptationLoop(vlm, TTRVConfig(rollouts=6, max_new_tokens=4, lr=5e-2, quantize="int4"))
-    item = loop.prepare("img", test_image, Pattern("Describe it."))
+    item = loop.prepare("img", test_image, SignalQuestion("Describe it."))
     before = _snapshot(vlm.model)
     assert loop.step([item], 0, seed=1).updated
     after = _snapshot(vlm.model)
@@ -126,11 +119,7 @@ def test_frozen_quantized_linear_backward_matches_quanto(int8_vlm, test_image):
     rollouts = sample_rollouts(int8_vlm, inputs, 3, temperature=1.0, max_new_tokens=5, seed=0)
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     saved = [p.detach().clone() for p in params]
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # LoRA B starts at zero: randomise it so every LoRA weight gets a gradient
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    perturb(model, 0.05)  # LoRA B starts at zero: randomise it so every LoRA weight gets a gradient
     frozen_class = type(frozen[0])
     grads = []
     try:
@@ -174,7 +163,7 @@ def test_int8_qwen2_vl_quantizes_its_language_model_and_adapts(tiny_qwen2vl_dir,
     assert quantized and all("language_model" in n for n in quantized)
     assert not any(isinstance(m, QLinear) for m in vision_tower(vlm.model).modules())
     loop = AdaptationLoop(vlm, TTRVConfig(rollouts=6, views=1, max_new_tokens=5, lr=5e-2, quantize="int8"))
-    item = loop.prepare("img", test_image, Pattern("Describe it."))
+    item = loop.prepare("img", test_image, SignalQuestion("Describe it."))
     before = _snapshot(vlm.model)
     record = loop.step([item], 0, seed=1)
     assert record.updated and record.logprob_gap < 1e-3
