@@ -16,9 +16,6 @@ from ttrv_edge.rl.records import consensus_of
 from ttrv_edge.rl.sampling import completion_mask, sample_rollouts
 from ttrv_edge.rl.scoring import completion_logprobs
 
-# tests/test_sampling_policy.py and tests/test_views.py import the question under this name from here
-ParityQuestion = SignalQuestion
-
 CONFIG = dict(rollouts=6, views=1, steps=2, max_new_tokens=6, lr=5e-2, seed=3)
 
 

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from helpers import SignalQuestion
 
 from ttrv_edge.config import TTRVConfig
-from ttrv_edge.io.answers import Question
 from ttrv_edge.memory import MemoryPlanner, PeakMeter, WorkShape, parse_memory_budget, run_with_backoff
 from ttrv_edge.models import load_lora_state, load_vlm, lora_state
 from ttrv_edge.rl import loss as rl_loss
@@ -131,18 +131,9 @@ def test_run_with_backoff_halves_and_never_skips():
         run_with_backoff(lambda rows: (_ for _ in ()).throw(RuntimeError("shape mismatch")), 4, phase="train")
 
 
-class Pattern(Question):
-    """Answers x, x, y, x, x, y, ... in call order: every group of a random model carries signal."""
-
-    def extract(self, text):
-        count = self.__dict__.setdefault("_count", [0])
-        count[0] += 1
-        return "xxy"[count[0] % 3]
-
-
 def _groups(vlm, image, num=8):
     inputs = vlm.prompt_inputs(image, "Describe it.")
-    question = Pattern("Describe it.")
+    question = SignalQuestion("Describe it.")
     groups = []
     for seed in (0, 1):  # two inputs in one update: weights across groups matter too
         r = sample_rollouts(vlm, inputs, num, temperature=1.0, max_new_tokens=6, seed=seed)
@@ -302,7 +293,7 @@ def test_update_backs_off_on_out_of_memory_and_keeps_the_step(vlm, test_image, m
 
 def test_adapter_reports_peaks_and_micro_batches(vlm, test_image):
     loop = AdaptationLoop(vlm, TTRVConfig(rollouts=4, views=1, max_new_tokens=5, memory_budget="8GB"))
-    item = loop.prepare("img", test_image, Pattern("Describe it."))
+    item = loop.prepare("img", test_image, SignalQuestion("Describe it."))
     record = loop.step([item], 0, seed=1)
     report = loop.memory.report()
     assert record.updated

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+from helpers import SignalQuestion
 from transformers import LogitsProcessorList
 
-from tests.test_adapt import ParityQuestion
 from ttrv_edge.api import TTRVModel
 from ttrv_edge.models import base_model
 from ttrv_edge.rl.sampling import PolicyWarper, generation_config, sample_rollouts
@@ -74,7 +74,7 @@ def test_sampler_logprobs_are_the_post_processor_scores(demanding_dir, test_imag
 
 def test_step_records_report_a_small_logprob_gap(demanding_dir, test_image, monkeypatch):
     api = TTRVModel.from_pretrained(str(demanding_dir), rollouts=6, steps=2, max_new_tokens=6, temperature=1.3)
-    item = api.loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    item = api.loop.prepare("img", test_image, SignalQuestion("Describe it."))
     steps = api.loop.adapt_episode(item).to_dict()["steps"]
     gaps = [s["logprob_gap"] for s in steps if s["updated"]]
     assert gaps and all(0 <= g < 1e-3 for g in gaps), gaps

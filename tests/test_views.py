@@ -4,9 +4,9 @@ pooled vote, and a weak consensus is not trained on."""
 import numpy as np
 import pytest
 import torch
+from helpers import SignalQuestion
 from PIL import Image
 
-from tests.test_adapt import ParityQuestion
 from ttrv_edge.api import TTRVModel
 from ttrv_edge.config import TTRVConfig
 from ttrv_edge.rl import loss, sampling
@@ -77,7 +77,7 @@ def views_model(tiny_idefics3_dir):
 
 def test_views_prefill_once_per_view_and_pool_the_answers(views_model, test_image, monkeypatch):
     loop = views_model.loop
-    item = loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    item = loop.prepare("img", test_image, SignalQuestion("Describe it."))
     prefills = []
     real = sampling.prefill
     monkeypatch.setattr(sampling, "prefill", lambda vlm, inputs: prefills.append(inputs) or real(vlm, inputs))
@@ -89,7 +89,7 @@ def test_views_prefill_once_per_view_and_pool_the_answers(views_model, test_imag
 
 def test_every_view_is_trained_toward_the_pooled_vote(views_model, test_image, monkeypatch):
     loop = views_model.loop
-    item = loop.prepare("img", test_image, ParityQuestion("Describe it."))
+    item = loop.prepare("img", test_image, SignalQuestion("Describe it."))
     groups, _ = loop.sample(item, seed=4)
     answers = ["A", "A", "B", "A", "A", "C"]  # view 2 alone would not agree with itself
     seen = []
@@ -110,8 +110,8 @@ def test_episode_with_views_reports_the_view_vote(views_model, test_image):
 
 def test_rollouts_not_a_multiple_of_views_are_spread_evenly(tiny_idefics3_dir, test_image):
     model = TTRVModel.from_pretrained(str(tiny_idefics3_dir), rollouts=5, views=3, max_new_tokens=4)
-    groups, answers = model.loop.sample(model.loop.prepare("img", test_image, ParityQuestion("Describe it.")), seed=1)
+    groups, answers = model.loop.sample(model.loop.prepare("img", test_image, SignalQuestion("Describe it.")), seed=1)
     assert [g.num for g in groups] == [2, 2, 1] and len(answers) == 5
     few = TTRVModel.from_pretrained(str(tiny_idefics3_dir), rollouts=2, views=8, max_new_tokens=4)
-    groups, _ = few.loop.sample(few.loop.prepare("img", test_image, ParityQuestion("Describe it.")), seed=1)
+    groups, _ = few.loop.sample(few.loop.prepare("img", test_image, SignalQuestion("Describe it.")), seed=1)
     assert [g.num for g in groups] == [1, 1]  # at most N views
