@@ -25,10 +25,11 @@ What each rank does with P ranks (``rl/loop.py``, ``rl/update.py``):
 
 Exactness. Per micro-batch the terms are the P=1 run's own, bit for bit (same rollouts, same global normalizer);
 only the association of the fp32 sum changes: P=1 accumulates ``((g1 + g2) + g3) + g4`` into ``.grad``, P=2 with
-two inputs per rank adds ``(g1 + g2) + (g3 + g4)``. With one input per rank and step (``--batch-size`` = P, each
-group in one micro-batch) the sum of two is ``g1 + g2`` either way and P=2 ends bit-identical to P=1; otherwise the
-adapters differ by fp32 rounding (measured ~1e-8, tested within 1e-5). Equal thread counts matter too: CPU kernels
-may split reductions across threads.
+two inputs per rank adds ``(g1 + g2) + (g3 + g4)``. With P=2 and one input per rank and step (``--batch-size`` 2,
+``--views 1``, the input's rollouts in one micro-batch) the sum is ``g1 + g2`` either way and the run ends
+bit-identical to P=1 (tested); otherwise the adapters differ by fp32 rounding, which AdamW amplifies in near-zero
+gradient components: 2e-8 on the tiny test model and 1.9e-7 on the demo model at the default lr (tested within 1e-5),
+4e-5 on the tiny model at lr 0.05. Equal thread counts matter too: CPU kernels may split reductions across threads.
 
 Deviations, and why: inputs are prepared (decoded and processed) on every rank, as a P=1 run prepares them, so a
 rank holds the whole set (what is divided is the sampling and the backward, which dominate); an input that fails on
