@@ -88,8 +88,7 @@ def answer_command(
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0: its default).")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
-    """Answer a question about IMAGE (or several images in one prompt) with an exported model on onnxruntime (greedy
-    decoding, no adaptation)."""
+    """Answer a question about IMAGE (several: one prompt) with an exported model on onnxruntime, greedy."""
     from ..runtime.runner import answer_report
 
     asked = Question(
