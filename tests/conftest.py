@@ -37,14 +37,17 @@ def tiny_qwen2vl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_family_dir(tmp_path_factory, tiny_idefics3_dir, tiny_qwen2vl_dir):
+def tiny_family_dir(tmp_path_factory, request):
     """``tiny_family_dir(model_type)``: the tiny random model of any family (``models.families.FAMILIES``), built
-    once per session on first use (never in the user's cache)."""
+    once per session on first use (never in the user's cache; Idefics3 and Qwen2-VL are the fixtures above)."""
     from ttrv_edge.models.builders import build_tiny_vlm
 
-    built = {"idefics3": tiny_idefics3_dir, "qwen2_vl": tiny_qwen2vl_dir}
+    shared = {"idefics3": "tiny_idefics3_dir", "qwen2_vl": "tiny_qwen2vl_dir"}
+    built = {}
 
     def get(model_type: str):
+        if model_type in shared:
+            return request.getfixturevalue(shared[model_type])
         if model_type not in built:
             built[model_type] = build_tiny_vlm(tmp_path_factory.mktemp(f"tiny-{model_type}"), model_type)
         return built[model_type]
