@@ -10,7 +10,8 @@
   one new token with the past and zero image features.
 
 Why not optimum: its ONNX exporter covers neither Idefics3/SmolVLM nor Qwen2-VL and pins an older transformers,
-so everything here is ``torch.onnx.export(dynamo=True)`` on small wrapper modules (``graphs.py``).
+so everything here is ``torch.onnx.export(dynamo=True)`` on small wrapper modules (``graphs.py``, and the vision
+graph of each family in ``families/``).
 
 Deviations from a plain "export the model" and why:
 
@@ -22,6 +23,8 @@ Deviations from a plain "export the model" and why:
 - Qwen2-VL's vision attention splits the patch sequence per image with ``.tolist()`` (not exportable). The wrapper
   runs the same blocks with one attention over all patches under a block-diagonal mask built in the graph from a
   ``segment_ids`` input (one segment per image), and takes the vision rope positions as an input.
+  Qwen2.5-VL's window attention is the same with same-window masks; LLaVA's tower is run up to its feature layer
+  by hand (``families/``: each module says what it replaces and why).
 - A quantized base is dequantized to fp32 before the merge (``merge.py``).
 - An adapter that trains the vision side (``--lora-targets vision/all``, ``--train-norms``) is merged into the vision
   tower and connector like the language LoRA, so ``vision.onnx`` carries the adapted tower; the manifest records
