@@ -39,10 +39,10 @@ def batch_normalizer(groups: list[Rollouts], aggregation: str) -> float:
     return sum(float((r.completion_mask.sum(-1) > 0).sum()) for r in groups)
 
 
-def loss_weight(part: Rollouts, groups: list[Rollouts], aggregation: str) -> float:
+def loss_weight(part: Rollouts, total: float, aggregation: str) -> float:
     """Weight of one micro-batch's aggregated loss so that the weighted sum over all micro-batches of all groups is
-    the batch's token-mean (or sequence-mean over sequences with at least one token)."""
-    total = batch_normalizer(groups, aggregation)
+    the batch's token-mean (or sequence-mean over sequences with at least one token); ``total`` is the batch's
+    ``batch_normalizer``."""
     return batch_normalizer([part], aggregation) / total if total else 0.0
 
 
@@ -96,7 +96,7 @@ def grpo_backward(
                 loss.backward()
                 total += float(loss.detach())
             else:
-                weight = batch_normalizer([part], config.aggregation) / normalizer if normalizer else 0.0
+                weight = loss_weight(part, normalizer, config.aggregation)
                 logp, _ = completion_logprobs(vlm, part, temperature=config.temperature, backend=config.backend)
                 loss, _ = kernels.grpo_loss(
                     logp,
