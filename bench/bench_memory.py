@@ -1,6 +1,8 @@
 """Peak memory and step time of one TTRV step on real-size architectures, against a TRL-style baseline.
 
-For every (model, quantization, N) the script runs, each in a fresh process (so peak RSS starts clean):
+For every (model, quantization, N) the script runs these methods, on CPU each in a fresh process (so peak RSS
+starts clean), on CUDA every case of a (model, quantization) in one process after an untimed warm-up of the same
+method at N=3 (the peak is reset per case; one process per case would spend most of a GPU session loading):
 
 - ``ttrv``: ttrv-edge's step: image encoded and prompt prefilled once, N rollouts decoded from the shared KV cache,
   then the loss forward/backward with the image encoded once and the fused lm_head+log-prob kernel (no [N, T, V]
@@ -12,8 +14,9 @@ For every (model, quantization, N) the script runs, each in a fresh process (so 
   ``generate(num_return_sequences=N)``, same seed and settings (the shared-prefix sampling benchmark).
 
 Both load the model with the same ``load_vlm`` (same LoRA, same quantization) and measure the same way: the peak is
-reset after loading and one warm-up generate, then one step is timed. Peak memory is ``max_memory_allocated`` on
-CUDA and the process's peak RSS (VmHWM) on CPU; the ttrv row also gives the planner's first estimate and its error.
+reset after loading and one warm-up generate (and on CUDA the warm-up step), then one step is timed. Peak memory is
+``max_memory_allocated`` on CUDA and the process's peak RSS (VmHWM) on CPU; the ttrv row also gives the planner's
+first estimate and its error.
 The models have random weights (bench/real_size.py), so rollouts rarely stop early: every rollout runs
 ``--new-tokens`` tokens. On CPU the OpenMP wait policy is set per run (``--omp-policy``) and written in the CSV, with
 the 1-minute load average when the run started. The step is the single-image one (``views=1``).
@@ -38,6 +41,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from memory_report import merge_rows, plot, read_csv, write_csv, write_markdown
@@ -89,7 +93,7 @@ def _pattern_question():
     from ttrv_edge.io.answers import Question
 
     class Pattern(Question):
-        """Answers x, x, y, ... in call order, so the random model's group has non-zero advantages."""
+        """Answers x, y, x, x, y, ... in call order (a fresh one per run): every group has non-zero advantages."""
 
         def extract(self, text):
             count = self.__dict__.setdefault("_count", [0])
@@ -234,26 +238,66 @@ def run_sampling(vlm, inputs, question, job, meter):
 RUNS = {"ttrv": run_ttrv, "trl": run_trl, "sample-shared": run_sampling, "sample-plain": run_sampling}
 
 
-def worker(job: dict) -> dict:
+def _library_versions(device) -> dict:
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "absent"
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    dists = ("torch", "transformers", "peft", "triton", "bitsandbytes", "optimum-quanto")
+    return {"device_name": name, **{dist: version(dist) for dist in dists}}
+
+
+def worker(jobs: list[dict]) -> list[dict]:
+    """Run ``jobs`` (one model and quantization) in this process; one row per job.
+
+    CPU: one job per process (peak RSS cannot be reset reliably enough between jobs). CUDA: every job of a model and
+    quantization in one process, each after an untimed warm-up of the same method at 3 rollouts and 4 new tokens
+    (Triton kernels compiled, cuBLAS initialised); the peak is ``max_memory_allocated``, reset before each job."""
+    import gc
+
     import torch
 
     from ttrv_edge.memory import PeakMeter
     from ttrv_edge.models import load_vlm
     from ttrv_edge.rl.sampling import greedy_text
 
-    torch.set_num_threads(job["threads"])
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[job["dtype"]]
-    vlm = load_vlm(job["model_dir"], quantize=job["quantize"], dtype=dtype, device=job["device"])
+    first = jobs[0]
+    torch.set_num_threads(first["threads"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[first["dtype"]]
+    vlm = load_vlm(first["model_dir"], quantize=first["quantize"], dtype=dtype, device=first["device"])
     meter = PeakMeter(vlm.device)
-    question = _pattern_question()
-    inputs = vlm.prompt_inputs(_image(job["image_size"]), question.prompt())
+    inputs = vlm.prompt_inputs(_image(first["image_size"]), _pattern_question().prompt())
     greedy_text(vlm, inputs, max_new_tokens=2)  # warm-up: weights paged in, kernels initialised
     loaded = meter.current()
-    meter.reset()
-    row = RUNS[job["method"]](vlm, inputs, question, job, meter)
-    row.update(prompt_tokens=int(inputs["input_ids"].shape[1]), loaded_bytes=loaded)
-    row["step_s"] = row["sample_s"] + row["update_s"]
-    return row
+    meta = _library_versions(vlm.device)
+    rows = []
+    for job in jobs:  # a failing job is recorded and the next one still runs
+        warm = vlm.device.type == "cuda"
+        try:
+            if warm:
+                RUNS[job["method"]](vlm, inputs, _pattern_question(), {**job, "rollouts": 3, "new_tokens": 4}, meter)
+                gc.collect()
+                torch.cuda.empty_cache()
+            meter.reset()
+            row = RUNS[job["method"]](vlm, inputs, _pattern_question(), job, meter)
+            row["step_s"] = row["sample_s"] + row["update_s"]
+        except Exception as exc:  # noqa: BLE001 - out of memory, a library's error: the row says which
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            row = {"error": f"{type(exc).__name__}: {first_line[:250]}"}
+        row.update(prompt_tokens=int(inputs["input_ids"].shape[1]), loaded_bytes=loaded, warmed_up=warm, **meta)
+        rows.append(row)
+        gc.collect()
+        if warm:
+            torch.cuda.empty_cache()
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -304,35 +348,49 @@ def _doctor_estimate(command: list[str] | None, args) -> int | None:
     return estimate["cpu" if args.device == "cpu" else "gpu"]["peak_bytes"]
 
 
-def _run_job(job: dict, args) -> dict:
+def _groups(jobs: list[dict], device: str) -> list[list[dict]]:
+    """The jobs each worker process runs: one per process on CPU, one model and quantization per process on CUDA."""
+    if device != "cuda":
+        return [[job] for job in jobs]
+    groups: dict[tuple, list[dict]] = {}
+    for job in jobs:
+        groups.setdefault((job["model"], job["quantize"]), []).append(job)
+    return list(groups.values())
+
+
+def _run_group(jobs: list[dict], args) -> list[dict]:
     env = dict(os.environ, OMP_WAIT_POLICY=args.omp_policy, OMP_NUM_THREADS=str(args.threads))
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    command = [sys.executable, __file__, "--worker", json.dumps(job)]
+    command = [sys.executable, __file__, "--worker", json.dumps(jobs)]
     keys = ("model", "method", "run", "quantize", "rollouts", "new_tokens", "device", "dtype", "threads")
-    base = {k: job[k] for k in keys}
-    base["omp_policy"] = args.omp_policy
-    base["load_1m"] = round(os.getloadavg()[0], 2)
+    load = round(os.getloadavg()[0], 2)
+    bases = [{**{k: job[k] for k in keys}, "omp_policy": args.omp_policy, "load_1m": load} for job in jobs]
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout * len(jobs))
     except subprocess.TimeoutExpired:
-        return {**base, "error": f"timeout after {args.timeout} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        return [{**base, "error": f"timeout after {args.timeout * len(jobs)} s"} for base in bases]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {**base, "error": tail[:300]}
-    row = {**base, **json.loads(lines[-1])}
-    row["peak_GB"] = round(row["peak_bytes"] / 2**30, 3)
-    for key in ("sample_s", "update_s", "step_s", "estimate_error"):
-        if row.get(key) is not None:
-            row[key] = round(row[key], 3)
-    return row
+        return [{**base, "error": tail[:300]} for base in bases]
+    rows = []
+    for base, measured in zip(bases, json.loads(lines[-1]), strict=True):
+        row = {**base, **measured}
+        if row.get("peak_bytes") is not None:
+            row["peak_GB"] = round(row["peak_bytes"] / 2**30, 3)
+        for key in ("sample_s", "update_s", "step_s", "estimate_error"):
+            if row.get(key) is not None:
+                row[key] = round(row[key], 3)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        sys.stdout.write(json.dumps(worker(args.worker)) + "\n")
+        jobs = args.worker if isinstance(args.worker, list) else [args.worker]
+        sys.stdout.write(json.dumps(worker(jobs)) + "\n")
         return 0
     if args.replot:
         rows = read_csv(args.out)
@@ -361,23 +419,25 @@ def main(argv=None) -> int:
     for name, spec in specs.items():
         print(f"building {name} ...", file=sys.stderr, flush=True)
         dirs[name] = build_model_dir(spec, dirs[name], dtype=dtype)
-    doctor = {}
-    for name in specs:
-        for n in args.rollouts:
-            command = _doctor_command(args, dirs[name], specs[name]["bench"]["image_size"], n)
-            doctor[name, n] = _doctor_estimate(command, args)
+    commands = {
+        (name, n): _doctor_command(args, dirs[name], specs[name]["bench"]["image_size"], n)
+        for name in specs
+        for n in args.rollouts
+    }
+    with ThreadPoolExecutor(max_workers=min(8, len(commands))) as pool:  # CPU-only estimates, side by side
+        doctor = dict(zip(commands, pool.map(lambda command: _doctor_estimate(command, args), commands.values())))
     old, rows = read_csv(args.out), []
-    for job in _jobs(args, specs, dirs):
-        row = _run_job(job, args)
-        estimate = doctor[job["model"], job["rollouts"]]
-        if estimate is not None and row.get("peak_bytes") and job["method"] == "ttrv" and job["quantize"] == "none":
-            row.update(
-                doctor_estimate_bytes=estimate,
-                doctor_error=round((estimate - row["peak_bytes"]) / row["peak_bytes"], 3),
-            )
-        rows.append(row)
-        shown = {k: row.get(k) for k in ("model", "method", "quantize", "rollouts", "peak_GB", "step_s", "error")}
-        print(json.dumps(shown), file=sys.stderr, flush=True)
+    for group in _groups(list(_jobs(args, specs, dirs)), args.device):
+        for row in _run_group(group, args):
+            estimate = doctor[row["model"], row["rollouts"]]
+            if estimate is not None and row.get("peak_bytes") and row["method"] == "ttrv" and row["quantize"] == "none":
+                row.update(
+                    doctor_estimate_bytes=estimate,
+                    doctor_error=round((estimate - row["peak_bytes"]) / row["peak_bytes"], 3),
+                )
+            rows.append(row)
+            shown = {k: row.get(k) for k in ("model", "method", "quantize", "rollouts", "peak_GB", "step_s", "error")}
+            print(json.dumps(shown), file=sys.stderr, flush=True)
         write_csv(merge_rows(old, rows), args.out)
     merged = read_csv(args.out)
     plot(merged, args.out.with_suffix(".png"))

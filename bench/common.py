@@ -14,9 +14,12 @@ plus a PNG plot beside it. Conventions:
   NaN for torch.compile on CPU, whose allocations the profiler does not see.
 - GB/s: the op's ideal traffic (each script says what it counts, typically one read of every input and one write
   of every output) divided by the time; for a memory-bound kernel this is the number to hold against the device's
-  bandwidth.
+  bandwidth. ``copy_GB/s`` is that bandwidth measured in the same run (a 1 GiB device-to-device ``copy_``, bytes
+  read plus written, timed like the cases; 64 MiB on CPU) and ``of_copy`` = GB/s / copy_GB/s.
+- every row also names the device and the library versions (``device_name``, ``torch``, ``triton``, ``liger``).
 - A provider that cannot run here (Liger not installed, Triton on CPU without ``TRITON_INTERPRET=1``, a compiler
-  missing for torch.compile) is skipped with its reason printed; an out-of-memory case is recorded with NaNs.
+  missing for torch.compile) is skipped with its reason printed; an out-of-memory case is recorded with NaNs; a case
+  whose provider raises anything else is printed with the error and left out of the CSV.
 """
 
 from __future__ import annotations
@@ -243,6 +246,11 @@ def run_case(case: Case, args: argparse.Namespace, op: str) -> dict | None:
     except torch.OutOfMemoryError:
         print(f"OOM {case.provider} N={case.N} V={case.V} H={case.H} {case.dtype} {case.pass_}")
         ms = mem = math.nan
+    except Exception as exc:  # a provider's own error (a library's API changed, say): reported, the others go on
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        print(f"error {case.provider} N={case.N} V={case.V} H={case.H} {case.dtype} {case.pass_}: "
+              f"{type(exc).__name__}: {first_line}")  # fmt: skip
+        return None
     finally:
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -294,6 +302,31 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def versions(device: str) -> dict:
+    """The device's name and the versions of the libraries a kernel timing depends on (CSV columns)."""
+    import importlib.metadata
+    import platform
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "absent"
+
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    return {"device_name": name, "torch": torch.__version__, "triton": version("triton"),
+            "liger": version("liger-kernel")}  # fmt: skip
+
+
+def copy_bandwidth(device: str, warmup: int = 3, repeats: int = 10) -> float:
+    """GB/s of a device-to-device copy (bytes read + written), timed like the cases: the bandwidth reference."""
+    nbytes = 2**30 if device == "cuda" else 2**26
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup, repeats)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
 def run(op: str, cases: Iterable[Case], args: argparse.Namespace, analytic=None) -> list[dict]:
     """Measure every case, print a table, write the CSV (and PNG); returns the rows.
 
@@ -301,6 +334,9 @@ def run(op: str, cases: Iterable[Case], args: argparse.Namespace, analytic=None)
     the CSV after the common ones."""
     _skipped.clear()
     torch.manual_seed(args.seed)
+    copy_gbps = copy_bandwidth(args.device, args.warmup, args.repeats)
+    meta = versions(args.device)
+    print(f"{meta['device_name']}: device-to-device copy {copy_gbps:.4g} GB/s (read + write)")
     rows = []
     print(f"{'provider':>14} {'N':>7} {'V':>7} {'H':>5} {'dtype':>5} {'pass':>8} {'ms':>10} {'GB/s':>8} {'peak_MB':>9}")
     for case in cases:
@@ -309,11 +345,12 @@ def run(op: str, cases: Iterable[Case], args: argparse.Namespace, analytic=None)
             continue
         if analytic is not None:
             row.update(analytic(row))
+        row.update({"copy_GB/s": copy_gbps, "of_copy": row["GB/s"] / copy_gbps, **meta})
         rows.append(row)
         print(f"{row['provider']:>14} {row['N']:>7} {row['V']:>7} {row['H']:>5} {row['dtype']:>5} {row['pass']:>8} "
               f"{row['ms']:>10.4g} {row['GB/s']:>8.3g} {row['peak_MB']:>9.4g}")  # fmt: skip
-    extra = [k for k in (rows[0] if rows else {}) if k not in CSV_COLUMNS]
-    write_csv(rows, args.out, (*CSV_COLUMNS, *extra))
+        extra = [k for k in rows[0] if k not in CSV_COLUMNS]
+        write_csv(rows, args.out, (*CSV_COLUMNS, *extra))  # after every case: a run stopped early keeps its rows
     print(f"wrote {args.out}")
     if not args.no_plot and rows:
         png = args.out.with_suffix(".png")

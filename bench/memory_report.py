@@ -40,6 +40,14 @@ COLUMNS = (
     "budget_bytes",
     "sample_micro_batch",
     "train_micro_batch",
+    "warmed_up",
+    "device_name",
+    "torch",
+    "transformers",
+    "peft",
+    "triton",
+    "bitsandbytes",
+    "optimum-quanto",
     "error",
 )
 CASE = ("model", "method", "quantize", "rollouts", "new_tokens", "device", "dtype", "run")

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Every GPU measurement in one prepared run, for a GPU lent for a few minutes: run it from the repository root.
+#
+#   bash bench/gpu_session.sh [RESULTS_TAR] [SECONDS]
+#
+# Stages, in order of importance, each with its own time limit so that a hang or a slow stage cannot take the
+# others' time (SECONDS, default 480, is the whole run's budget; the memory stage gets what is left):
+#   env      the device, driver and library versions; wheels in .whl/ (bitsandbytes, optimum-quanto, liger-kernel,
+#            num2words, for a machine without a package index) go to /tmp/site; the package is installed --no-deps
+#   smoke    bench/gpu_smoke.py: every op with both backends, and adaptations on tiny + SmolVLM-256M, in bf16
+#   kernels  logprob_entropy, linear_logprob_entropy and linear_grpo_loss at [2048|8192, 151936] (H 1536), bf16,
+#            fwd and fwd+bwd, against TRL's eager path (reimplemented), torch.compile and Liger
+#   memory   bench/bench_memory.py on CUDA: Qwen2-VL-2B (none, nf4, int4), SmolVLM-256M and -500M (none, nf4),
+#            N 8 and 16, 64 new tokens, --memory-budget 6GB, ttrv against the TRL-style step
+# The random-weight model folders are built in the background while the smoke test runs (CPU work). Results are
+# written under bench/results/ (*_cuda.csv, memory_gpu.*); with RESULTS_TAR they are also packed into that file.
+set -u
+TAR=${1:-}
+BUDGET=${2:-480}
+START=$(date +%s)
+RESULTS=bench/results
+export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
+MODELS=/tmp/ttrv-bench-models
+
+stage() { echo; echo "=== $1 ($(($(date +%s) - START)) s into the run)"; }
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+stage env
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+python3 - <<'EOF'
+import importlib.metadata as m
+for dist in ("torch", "triton", "transformers", "peft", "bitsandbytes", "optimum-quanto", "liger-kernel", "onnxruntime"):
+    try:
+        print(f"{dist} {m.version(dist)}")
+    except m.PackageNotFoundError:
+        print(f"{dist} absent")
+EOF
+
+python3 - >/tmp/build.log 2>&1 <<EOF &
+import sys, torch
+sys.path.insert(0, "bench")
+from pathlib import Path
+from real_size import build_model_dir, load_spec
+for name in ("qwen2-vl-2b", "smolvlm-256m", "smolvlm-500m"):
+    build_model_dir(load_spec(name), Path("$MODELS") / f"{name}-bf16", dtype=torch.bfloat16)
+    print("built", name, flush=True)
+EOF
+BUILD=$!
+
+stage smoke
+timeout -k 5 150 python3 bench/gpu_smoke.py --out $RESULTS/gpu_smoke_cuda.csv
+echo "smoke exit $?"
+wait $BUILD; cat /tmp/build.log | tail -3
+
+stage kernels
+timeout -k 5 110 python3 bench/bench_logprob_entropy.py --N 2048,8192 --V 151936 --dtypes bf16 \
+  --providers triton,torch,liger,compile --out $RESULTS/logprob_entropy_cuda.csv
+timeout -k 5 45 python3 bench/bench_linear_logprob_entropy.py --N 2048,8192 --V 151936 --H 1536 --dtypes bf16 \
+  --providers triton,torch,chunked,liger --out $RESULTS/linear_logprob_entropy_cuda.csv
+timeout -k 5 45 python3 bench/bench_linear_grpo_loss.py --N 2048,8192 --V 151936 --H 1536 --dtypes bf16 \
+  --providers fused,composition,trl,liger --out $RESULTS/linear_grpo_loss_cuda.csv
+
+stage memory
+MEMORY="python3 bench/bench_memory.py --device cuda --dtype bf16 --cache-dir $MODELS --rollouts 8,16 --new-tokens 64
+  --memory-budget 6GB --methods ttrv,trl --timeout 120 --out $RESULTS/memory_gpu.csv"
+timeout -k 5 $(($(left) * 3 / 5)) $MEMORY --models qwen2-vl-2b --quantize none,nf4,int4
+echo "memory (Qwen2-VL-2B) exit $?"
+timeout -k 5 $(($(left) - 15)) $MEMORY --models smolvlm-256m,smolvlm-500m --quantize none,nf4
+echo "memory (SmolVLM) exit $?"
+
+stage done
+if [ -n "$TAR" ]; then
+  tar czf "$TAR" $RESULTS/*_cuda.* $RESULTS/memory_gpu.* 2>/dev/null
+  ls -la "$TAR"
+fi
