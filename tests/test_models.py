@@ -241,6 +241,22 @@ def test_qwen_processor_loads_without_a_video_processor(tiny_qwen2vl_dir, test_i
     assert (out["input_ids"] == processor.image_token_id).sum() == grid.prod() // 4
 
 
+def test_qwen_processor_falls_back_when_autoprocessor_wants_a_video_config(tiny_qwen2vl_dir, monkeypatch):
+    """With torchvision installed, transformers 5.17's AutoProcessor raises OSError for a folder without a video
+    processor config (seen on a GPU machine): the image-only processor is rebuilt instead of failing the load."""
+    import transformers
+
+    from ttrv_edge.models import processors
+
+    def no_video_config(path, **kwargs):
+        raise OSError(f"Can't load video processor for '{path}'")
+
+    monkeypatch.setattr(processors, "_has_torchvision", lambda: True)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", no_video_config)
+    processor = load_processor(tiny_qwen2vl_dir)
+    assert type(processor).__name__ == "Qwen2VLProcessor" and processor.video_processor is None
+
+
 def test_tokenizer_covers_answers_and_extra_words(tmp_path):
     path = build_tiny_vlm(tmp_path / "m", "idefics3", words=["zebra crossing", "Octagon!"])
     tokenizer = load_processor(path).tokenizer

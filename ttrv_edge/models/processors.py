@@ -86,7 +86,9 @@ def load_processor(path, trust_remote_code: bool = False):
         return _processor_from_parts(path, model_type, trust_remote_code)
     try:
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ImportError, AttributeError, ValueError, TypeError):
+    except (ImportError, AttributeError, ValueError, TypeError, OSError):
+        # OSError: with torchvision installed, transformers 5.17 looks for a video processor config that a folder
+        # saved image-only (ours, and checkpoints saved by newer transformers) does not have
         if model_type not in VIDEO_PROCESSOR_TYPES:
             raise
         return _processor_from_parts(path, model_type, trust_remote_code)
