@@ -8,9 +8,13 @@ Run it first on a GPU machine: it fails (exit 1) on the first disagreement, befo
    (the same bias, masked -inf targets), ``grpo_loss`` and ``group_rewards`` on the device, Triton against torch
    on the same inputs: outputs and input gradients within a tolerance per dtype.
 2. Adaptation: for each model (``tiny`` and random-weight real architectures from bench/configs), one episodic step
-   and one transductive step (2 inputs, one update) with ``--backend torch`` and ``--backend triton``; the two
-   backends must end with the same LoRA weights (relative error below the dtype's tolerance, measured on the
-   change the update made) and a ``logprob_gap`` below the dtype's tolerance.
+   and one transductive step (2 inputs, one update) with ``--backend torch`` and ``--backend triton``. The two
+   backends must compute the same LoRA gradients for the update (relative error below the dtype's tolerance,
+   captured just before AdamW's step), move the LoRA weights the same way (the fraction of changed weights moved in
+   opposite directions below ``FLIP_LIMIT``) and keep a ``logprob_gap`` below the dtype's tolerance. The weights
+   themselves are not compared element by element: AdamW's first step moves every weight by about +-lr whatever the
+   size of its gradient, so a near-zero gradient component that bf16 rounds to the other sign moves the other way
+   (seen on an H200: gradients within 0.8%, a handful of 3,072 tiny-model weights moved in opposite directions).
 Writes one CSV row per check (device name and library versions in every row) to ``--out``.
 """
 
@@ -26,8 +30,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TOLERANCE = {"fp32": 2e-4, "bf16": 3e-2}  # relative, on outputs/gradients and on the LoRA change of one update
+TOLERANCE = {"fp32": 2e-4, "bf16": 3e-2}  # relative, on op outputs/gradients and on the LoRA gradients
 GAP_LIMIT = {"fp32": 1e-3, "bf16": 0.15}  # bf16 sampling and training forwards round differently
+FLIP_LIMIT = {"fp32": 1e-3, "bf16": 1e-2}  # fraction of LoRA weights the two backends' updates move oppositely
 
 
 def _versions() -> dict:
@@ -145,25 +150,40 @@ def _word_bucket_question():
 
 def check_adaptation(model_dir: str, label: str, device: str, dtype_name: str) -> list[dict]:
 
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
     from ttrv_edge.api import TTRVModel
     from ttrv_edge.demo.scenes import make_scene
 
     question = _word_bucket_question()("Describe the image.")
     scenes = [make_scene(seed) for seed in range(2)]
-    rows, states = [], {}
+    rows, deltas, grads = [], {}, {}
     for backend in ("torch", "triton"):
         for mode in ("episodic", "transductive"):
             options = dict(backend=backend, rollouts=8, views=1, steps=1, epochs=1, batch_size=2, max_new_tokens=8)
             options["lr"] = 1e-2
             options["collapse_guard"] = False  # a random model's outputs are degenerate: no roll-back to compare
             model = TTRVModel.from_pretrained(model_dir, device=device, keep=True, **options)  # bf16 on CUDA
-            start = {n: p.detach().float().clone() for n, p in model.vlm.model.named_parameters() if p.requires_grad}
+            trained = {n: p for n, p in model.vlm.model.named_parameters() if p.requires_grad}
+            start = {n: p.detach().float().clone() for n, p in trained.items()}
+            captured = {}
+
+            def first_step_grads(optimizer, args, kwargs, trained=trained, captured=captured):
+                if not captured:
+                    captured.update(
+                        {n: p.grad.detach().float().clone() for n, p in trained.items() if p.grad is not None}
+                    )
+
+            hook = register_optimizer_step_pre_hook(first_step_grads)
             started = time.perf_counter()
-            items = [model.loop.prepare(f"scene-{k}", s.image(), question) for k, s in enumerate(scenes)]
-            if mode == "episodic":
-                results = [model.loop.adapt_episode(items[0])]
-            else:
-                results = model.loop.adapt_transductive(items)
+            try:
+                items = [model.loop.prepare(f"scene-{k}", s.image(), question) for k, s in enumerate(scenes)]
+                if mode == "episodic":
+                    results = [model.loop.adapt_episode(items[0])]
+                else:
+                    results = model.loop.adapt_transductive(items)
+            finally:
+                hook.remove()
             seconds = time.perf_counter() - started
             gaps = [s.logprob_gap for r in results for s in r.steps if s.logprob_gap is not None]
             rows.append(
@@ -174,14 +194,24 @@ def check_adaptation(model_dir: str, label: str, device: str, dtype_name: str) -
                     "seconds": round(seconds, 2),
                 }  # fmt: skip
             )
-            states[backend, mode] = {
-                n: p.detach().float() - start[n] for n, p in model.vlm.model.named_parameters() if p.requires_grad
-            }
+            deltas[backend, mode] = {n: p.detach().float() - start[n] for n, p in trained.items()}
+            grads[backend, mode] = captured
     for mode in ("episodic", "transductive"):
-        deltas = states["torch", mode]
-        changed = [n for n in deltas if float(deltas[n].abs().max()) > 0]
-        error = max((_rel(states["triton", mode][n], deltas[n]) for n in changed), default=float("inf"))  # no update
-        rows.append({"check": f"{label} {mode} LoRA triton vs torch", "value": error, "limit": TOLERANCE[dtype_name]})
+        reference, fused = grads["torch", mode], grads["triton", mode]
+        error = max((_rel(fused[n], reference[n]) for n in reference), default=float("inf"))  # inf: no update
+        rows.append(
+            {"check": f"{label} {mode} LoRA grads triton vs torch", "value": error, "limit": TOLERANCE[dtype_name]}
+        )
+        moved = [(deltas["triton", mode][n], d) for n, d in deltas["torch", mode].items()]
+        changed = sum(int((d != 0).sum()) for _, d in moved)
+        opposite = sum(int((a * d < 0).sum()) for a, d in moved)
+        rows.append(
+            {
+                "check": f"{label} {mode} LoRA update: fraction moved oppositely",
+                "value": opposite / changed if changed else float("inf"),
+                "limit": FLIP_LIMIT[dtype_name],
+            }  # fmt: skip
+        )
     return rows
 
 
