@@ -16,7 +16,7 @@ method at N=3 (the peak is reset per case; one process per case would spend most
 Both load the model with the same ``load_vlm`` (same LoRA, same quantization) and measure the same way: the peak is
 reset after loading and one warm-up generate (and on CUDA the warm-up step), then one step is timed. Peak memory is
 ``max_memory_allocated`` on CUDA and the process's peak RSS (VmHWM) on CPU; the ttrv row also gives the planner's
-first estimate and its error.
+first estimate and its error, and per phase (sample, train) the first estimate beside the measured peak.
 The models have random weights (bench/real_size.py), so rollouts rarely stop early: every rollout runs
 ``--new-tokens`` tokens. On CPU the OpenMP wait policy is set per run (``--omp-policy``) and written in the CSV, with
 the 1-minute load average when the run started. The step is the single-image one (``views=1``).
@@ -137,7 +137,11 @@ def run_ttrv(vlm, item_inputs, question, job, meter):
     report = loop.memory_report()
     estimate = max(v for v in report["estimated_peak_bytes"].values() if v is not None)
     peak = report["peak_memory_bytes"]
+    phases = {f"{phase}_estimate_bytes": value for phase, value in report["estimated_peak_bytes"].items()}
+    phases.update({f"{phase}_peak_bytes": value for phase, value in report["measured_peak_bytes"].items()})
     return {
+        **phases,
+        "resident_bytes": report["resident_bytes"],
         "sample_s": sampled - start,
         "update_s": done - sampled,
         "peak_bytes": peak,

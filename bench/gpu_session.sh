@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one prepared run, for a GPU lent for a few minutes: run it from the repository root.
 #
-#   bash bench/gpu_session.sh [RESULTS_TAR] [SECONDS]
+#   bash bench/gpu_session.sh [RESULTS_TAR] [SECONDS] [STAGES]
 #
-# Stages, in order of importance, each with its own time limit so that a hang or a slow stage cannot take the
-# others' time (SECONDS, default 480, is the whole run's budget; the memory stage gets what is left):
+# Stages (STAGES: a comma list, default env,smoke,kernels,memory,sampling), each with its own time limit so that a
+# hang or a slow stage cannot take the others' time (SECONDS, default 480, is the whole run's budget; the memory
+# stage gets most of what is left, the sampling stage the rest):
 #   env      the device, driver and library versions; wheels in .whl/ (bitsandbytes, optimum-quanto, liger-kernel,
 #            num2words, for a machine without a package index) go to /tmp/site; the package is installed --no-deps
 #   smoke    bench/gpu_smoke.py: every op with both backends, and adaptations on tiny + SmolVLM-256M, in bf16
 #   kernels  logprob_entropy, linear_logprob_entropy and linear_grpo_loss at [2048|8192, 151936] (H 1536), bf16,
 #            fwd and fwd+bwd, against TRL's eager path (reimplemented), torch.compile and Liger
 #   memory   bench/bench_memory.py on CUDA: Qwen2-VL-2B (none, nf4, int4), SmolVLM-256M and -500M (none, nf4),
-#            N 8 and 16, 64 new tokens, --memory-budget 6GB, ttrv against the TRL-style step
+#            N 8 and 16, 64 new tokens, --memory-budget 6GB, ttrv against the TRL-style step, per-phase peaks
+#   sampling the sampling phase alone on SmolVLM-256M: shared-prefix decoding against generate(num_return_sequences)
 # The random-weight model folders are built in the background while the smoke test runs (CPU work). Results are
 # written under bench/results/ (*_cuda.csv, memory_gpu.*); with RESULTS_TAR they are also packed into that file.
 set -u
 TAR=${1:-}
 BUDGET=${2:-480}
+STAGES=,${3:-env,smoke,kernels,memory,sampling},
 START=$(date +%s)
 RESULTS=bench/results
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 MODELS=/tmp/ttrv-bench-models
 
 stage() { echo; echo "=== $1 ($(($(date +%s) - START)) s into the run)"; }
+wanted() { [[ $STAGES == *,$1,* ]]; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
 stage env
@@ -52,26 +56,39 @@ for name in ("qwen2-vl-2b", "smolvlm-256m", "smolvlm-500m"):
 EOF
 BUILD=$!
 
-stage smoke
-timeout -k 5 150 python3 bench/gpu_smoke.py --out $RESULTS/gpu_smoke_cuda.csv
-echo "smoke exit $?"
-wait $BUILD; cat /tmp/build.log | tail -3
+if wanted smoke; then
+  stage smoke
+  timeout -k 5 150 python3 bench/gpu_smoke.py --out $RESULTS/gpu_smoke_cuda.csv
+  echo "smoke exit $?"
+fi
+wait $BUILD; tail -3 /tmp/build.log
 
-stage kernels
-timeout -k 5 110 python3 bench/bench_logprob_entropy.py --N 2048,8192 --V 151936 --dtypes bf16 \
-  --providers triton,torch,liger,compile --out $RESULTS/logprob_entropy_cuda.csv
-timeout -k 5 45 python3 bench/bench_linear_logprob_entropy.py --N 2048,8192 --V 151936 --H 1536 --dtypes bf16 \
-  --providers triton,torch,chunked,liger --out $RESULTS/linear_logprob_entropy_cuda.csv
-timeout -k 5 45 python3 bench/bench_linear_grpo_loss.py --N 2048,8192 --V 151936 --H 1536 --dtypes bf16 \
-  --providers fused,composition,trl,liger --out $RESULTS/linear_grpo_loss_cuda.csv
+if wanted kernels; then
+  stage kernels
+  timeout -k 5 110 python3 bench/bench_logprob_entropy.py --N 2048,8192 --V 151936 --dtypes bf16 \
+    --providers triton,torch,liger,compile --out $RESULTS/logprob_entropy_cuda.csv
+  timeout -k 5 45 python3 bench/bench_linear_logprob_entropy.py --N 2048,8192 --V 151936 --H 1536 --dtypes bf16 \
+    --providers triton,torch,chunked,liger --out $RESULTS/linear_logprob_entropy_cuda.csv
+  timeout -k 5 45 python3 bench/bench_linear_grpo_loss.py --N 2048,8192 --V 151936 --H 1536 --dtypes bf16 \
+    --providers fused,composition,trl,liger --out $RESULTS/linear_grpo_loss_cuda.csv
+fi
 
-stage memory
 MEMORY="python3 bench/bench_memory.py --device cuda --dtype bf16 --cache-dir $MODELS --rollouts 8,16 --new-tokens 64
-  --memory-budget 6GB --methods ttrv,trl --timeout 120 --out $RESULTS/memory_gpu.csv"
-timeout -k 5 $(($(left) * 3 / 5)) $MEMORY --models qwen2-vl-2b --quantize none,nf4,int4
-echo "memory (Qwen2-VL-2B) exit $?"
-timeout -k 5 $(($(left) - 15)) $MEMORY --models smolvlm-256m,smolvlm-500m --quantize none,nf4
-echo "memory (SmolVLM) exit $?"
+  --memory-budget 6GB --timeout 120 --out $RESULTS/memory_gpu.csv"
+RESERVE=$(wanted sampling && echo 60 || echo 0)
+if wanted memory; then
+  stage memory
+  timeout -k 5 $((($(left) - RESERVE) * 3 / 5)) $MEMORY --methods ttrv,trl --models qwen2-vl-2b --quantize none,nf4,int4
+  echo "memory (Qwen2-VL-2B) exit $?"
+  timeout -k 5 $(($(left) - RESERVE - 15)) $MEMORY --methods ttrv,trl --models smolvlm-256m,smolvlm-500m \
+    --quantize none,nf4
+  echo "memory (SmolVLM) exit $?"
+fi
+if wanted sampling; then
+  stage sampling
+  timeout -k 5 $(($(left) - 15)) $MEMORY --methods sample-shared,sample-plain --models smolvlm-256m --quantize none
+  echo "sampling exit $?"
+fi
 
 stage done
 if [ -n "$TAR" ]; then

@@ -13,6 +13,7 @@ from test_kernels_helpers import triton_interpreter
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 COLUMNS = ["op", "provider", "N", "V", "H", "dtype", "pass", "ms", "GB/s", "peak_MB"]
+REFERENCE = ["copy_GB/s", "of_copy", "device_name", "torch", "triton", "liger"]  # the same run's copy bandwidth
 
 
 def _main(script: str):
@@ -50,12 +51,14 @@ def test_bench_script_writes_csv_and_png(tmp_path, script, argv, n_rows):
         base += ["--providers", "torch"]
     rows = _main(script)(base + argv)
     header, written = _read(out)
-    assert header == COLUMNS
+    assert header == COLUMNS + REFERENCE
     assert len(written) == len(rows) == n_rows
     for row in written:
         assert row["provider"] in ("torch", "chunked")
         assert float(row["ms"]) > 0 and float(row["GB/s"]) > 0
         assert not math.isnan(float(row["peak_MB"])) and float(row["peak_MB"]) >= 0
+        assert float(row["copy_GB/s"]) > 0 and row["device_name"] and row["torch"]
+        assert float(row["of_copy"]) == pytest.approx(float(row["GB/s"]) / float(row["copy_GB/s"]), rel=1e-2)
     assert out.with_suffix(".png").stat().st_size > 0
     if script == "bench_logprob_entropy":  # the bandwidth column is the op's traffic over the measured time
         elem = {"fp32": 4, "bf16": 2}
@@ -87,7 +90,7 @@ def test_linear_grpo_loss_bench_runs_every_provider_it_can_at_tiny_shapes(tmp_pa
     with triton_interpreter():
         rows = _main("bench_linear_grpo_loss")(argv)
     header, written = _read(out)
-    assert header == COLUMNS + ["gemms", "GFLOP"] and len(written) == len(rows)
+    assert header == COLUMNS + ["gemms", "GFLOP"] + REFERENCE and len(written) == len(rows)
     # the analytic GEMM count with a trainable lm_head: fused 3 (logits, d(hidden), d(weight)), the composition 4
     # (its backward recomputes the logits), TRL's eager path 3; every forward alone 1
     expected = {("fused", "fwd+bwd"): 3, ("composition", "fwd+bwd"): 4, ("trl", "fwd+bwd"): 3}
@@ -107,3 +110,31 @@ def test_linear_grpo_loss_bench_runs_every_provider_it_can_at_tiny_shapes(tmp_pa
 def test_unknown_provider_is_rejected():
     with pytest.raises(SystemExit, match="unknown provider"):
         _main("bench_group_rewards")(["--device", "cpu", "--providers", "numpy"])
+
+
+def test_a_provider_that_raises_is_reported_and_the_other_cases_still_run(tmp_path, capsys):
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_common", BENCH_DIR / "common.py")
+        common = importlib.util.module_from_spec(spec)
+        sys.modules["bench_common"] = common  # its dataclass needs the module registered
+        spec.loader.exec_module(common)
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+        sys.modules.pop("bench_common", None)
+
+    def broken():
+        raise RuntimeError("library API changed")
+
+    def working():
+        return lambda: None
+
+    cases = [common.Case(p, 4, 8, 0, "fp32", "fwd", build, 64) for p, build in (("bad", broken), ("good", working))]
+    args = common.base_parser("op", ["bad", "good"], N="4", V="8", H="0").parse_args(
+        ["--device", "cpu", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "r.csv"), "--no-plot"]
+    )
+    rows = common.run("op", cases, args)
+    assert [r["provider"] for r in rows] == ["good"]
+    assert "error bad N=4 V=8 H=0 fp32 fwd: RuntimeError: library API changed" in capsys.readouterr().out
+    _, written = _read(tmp_path / "r.csv")
+    assert [r["provider"] for r in written] == ["good"]
