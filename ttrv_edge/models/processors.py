@@ -3,6 +3,11 @@
 Qwen2-VL, Qwen2.5-VL, InternVL and SmolVLM2 processors own a video processor that needs torchvision, which is not
 installed on CPU machines. ``load_processor`` rebuilds such a processor from its image processor and tokenizer with
 the video part dropped (``image_only_processor``); videos are not supported by ttrv-edge anyway.
+
+Two transformers versions' quirks are handled the same way, by rebuilding from the parts when ``AutoProcessor``
+fails: with torchvision installed, 5.17 asks for a video processor config that a folder saved image-only does not
+have (OSError); without torchvision, 5.17's ``AutoImageProcessor`` refuses to load at all, so the model type's PIL
+image processor is imported from its module (``image_processing_pil_<model>``) and loaded directly.
 """
 
 from __future__ import annotations
@@ -51,9 +56,48 @@ def image_only_processor(processor_cls):
     return ImageOnlyProcessor
 
 
+def _pil_image_processor_class(model_type: str):
+    """The PIL image processor class of ``model_type``, imported from its own module (None when there is none)."""
+    import importlib
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
+    class_name = names.get("pil") if isinstance(names, dict) else None
+    if class_name is None:
+        return None
+    # the class may live in another model's module (InternVL uses GOT-OCR2's): try each type that names it
+    for other, entry in IMAGE_PROCESSOR_MAPPING_NAMES.items():
+        if class_name not in (entry.values() if isinstance(entry, dict) else [entry]):
+            continue
+        module = model_type_to_module_name(other)
+        try:
+            found = importlib.import_module(f"transformers.models.{module}.image_processing_pil_{module}")
+        except ImportError:
+            continue
+        if hasattr(found, class_name):
+            return getattr(found, class_name)
+    return None
+
+
+def _image_processor(path: str, model_type: str, trust_remote_code: bool):
+    """``AutoImageProcessor``'s choice, else the model type's PIL image processor (transformers 5.17 without
+    torchvision refuses every ``AutoImageProcessor`` call)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ImportError, ValueError):
+        pil_class = _pil_image_processor_class(model_type)
+        if pil_class is None:
+            raise
+        return pil_class.from_pretrained(path)
+
+
 def _processor_from_parts(path: str, model_type: str, trust_remote_code: bool):
     import transformers
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     cfg_file = Path(path) / "processor_config.json"
     saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
@@ -65,7 +109,7 @@ def _processor_from_parts(path: str, model_type: str, trust_remote_code: bool):
     processor_cls = getattr(transformers, cls_name or "", None)
     if processor_cls is None:
         raise ValueError(f"--model: no processor class for model type {model_type!r}")
-    image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    image_processor = _image_processor(path, model_type, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     template_file = Path(path) / "chat_template.jinja"
     template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
@@ -77,7 +121,8 @@ def _processor_from_parts(path: str, model_type: str, trust_remote_code: bool):
 
 def load_processor(path, trust_remote_code: bool = False):
     """The model's processor (image processor + tokenizer + chat template), video part dropped where it needs
-    torchvision (Qwen2-VL family)."""
+    torchvision (Qwen2-VL family), rebuilt from its parts where ``AutoProcessor`` cannot load it (module docstring);
+    when the rebuild fails too, ``AutoProcessor``'s error is raised."""
     from transformers import AutoProcessor
 
     path = str(path)
@@ -86,12 +131,13 @@ def load_processor(path, trust_remote_code: bool = False):
         return _processor_from_parts(path, model_type, trust_remote_code)
     try:
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ImportError, AttributeError, ValueError, TypeError, OSError):
-        # OSError: with torchvision installed, transformers 5.17 looks for a video processor config that a folder
-        # saved image-only (ours, and checkpoints saved by newer transformers) does not have
-        if model_type not in VIDEO_PROCESSOR_TYPES:
+    except (ImportError, AttributeError, ValueError, TypeError, OSError) as error:
+        if model_type is None or (model_type not in VIDEO_PROCESSOR_TYPES and _has_torchvision()):
             raise
-        return _processor_from_parts(path, model_type, trust_remote_code)
+        try:
+            return _processor_from_parts(path, model_type, trust_remote_code)
+        except Exception:  # noqa: BLE001 - the first error says what is wrong with the folder
+            raise error from None
 
 
 def _has_torchvision() -> bool:
