@@ -44,7 +44,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import versions
 from memory_report import merge_rows, plot, read_csv, write_csv, write_markdown
+
+LIBRARIES = ("torch", "transformers", "peft", "triton", "bitsandbytes", "optimum-quanto")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -242,23 +245,6 @@ def run_sampling(vlm, inputs, question, job, meter):
 RUNS = {"ttrv": run_ttrv, "trl": run_trl, "sample-shared": run_sampling, "sample-plain": run_sampling}
 
 
-def _library_versions(device) -> dict:
-    import importlib.metadata
-    import platform
-
-    import torch
-
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "absent"
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    dists = ("torch", "transformers", "peft", "triton", "bitsandbytes", "optimum-quanto")
-    return {"device_name": name, **{dist: version(dist) for dist in dists}}
-
-
 def worker(jobs: list[dict]) -> list[dict]:
     """Run ``jobs`` (one model and quantization) in this process; one row per job.
 
@@ -281,7 +267,7 @@ def worker(jobs: list[dict]) -> list[dict]:
     inputs = vlm.prompt_inputs(_image(first["image_size"]), _pattern_question().prompt())
     greedy_text(vlm, inputs, max_new_tokens=2)  # warm-up: weights paged in, kernels initialised
     loaded = meter.current()
-    meta = _library_versions(vlm.device)
+    meta = versions(vlm.device, {dist: dist for dist in LIBRARIES})
     rows = []
     for job in jobs:  # a failing job is recorded and the next one still runs
         warm = vlm.device.type == "cuda"

@@ -302,8 +302,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def versions(device: str) -> dict:
-    """The device's name and the versions of the libraries a kernel timing depends on (CSV columns)."""
+KERNEL_LIBRARIES = {"torch": "torch", "triton": "triton", "liger": "liger-kernel"}
+"""CSV column -> distribution whose version a kernel timing depends on."""
+
+
+def versions(device, libraries: dict[str, str] = KERNEL_LIBRARIES) -> dict:
+    """The device's name and the installed versions of ``libraries`` (CSV column -> distribution; "absent" when not
+    installed): the columns every benchmark row carries. ``device``: "cuda", "cpu" or a ``torch.device``."""
     import importlib.metadata
     import platform
 
@@ -313,9 +318,12 @@ def versions(device: str) -> dict:
         except importlib.metadata.PackageNotFoundError:
             return "absent"
 
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    return {"device_name": name, "torch": torch.__version__, "triton": version("triton"),
-            "liger": version("liger-kernel")}  # fmt: skip
+    on_cuda = torch.device(device).type == "cuda"
+    name = torch.cuda.get_device_name(device) if on_cuda else platform.processor() or platform.machine()
+    found = {column: version(dist) for column, dist in libraries.items()}
+    if "torch" in found:
+        found["torch"] = torch.__version__  # the build too (+cpu, +cu130)
+    return {"device_name": name, **found}
 
 
 def copy_bandwidth(device: str, warmup: int = 3, repeats: int = 10) -> float:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,25 +32,6 @@ HERE = Path(__file__).resolve().parent
 TOLERANCE = {"fp32": 2e-4, "bf16": 3e-2}  # relative, on op outputs/gradients and on the LoRA gradients
 GAP_LIMIT = {"fp32": 1e-3, "bf16": 0.15}  # bf16 sampling and training forwards round differently
 FLIP_LIMIT = {"fp32": 1e-3, "bf16": 1e-2}  # fraction of LoRA weights the two backends' updates move oppositely
-
-
-def _versions() -> dict:
-    import torch
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "absent"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {
-        "device_name": device,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "transformers": transformers.__version__,
-    }
 
 
 def _rel(a, b) -> float:
@@ -251,7 +231,11 @@ def main(argv=None) -> int:
             rows += check_adaptation(model_dir, label, args.device, dtype_name)
     out = Path(args.out or HERE / "results" / f"gpu_smoke_{args.device}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**_versions(), "dtype": dtype_name}
+    sys.path.insert(0, str(HERE))
+    from common import versions
+
+    libraries = {"torch": "torch", "triton": "triton", "transformers": "transformers"}
+    meta = {**versions(args.device, libraries), "dtype": dtype_name}
     failed = False
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["check", "value", "limit", "ok", "seconds", *meta])

@@ -19,6 +19,7 @@ def _bench_memory():
     finally:
         sys.path.remove(str(BENCH_DIR))
         sys.modules.pop("memory_report", None)
+        sys.modules.pop("common", None)
     return module
 
 

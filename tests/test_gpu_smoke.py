@@ -19,6 +19,7 @@ def test_gpu_smoke_cpu_path_passes_and_writes_every_check(tmp_path):
     finally:
         sys.path.remove(str(BENCH))
         sys.modules.pop("real_size", None)
+        sys.modules.pop("common", None)
     rows = list(csv.DictReader(out.open()))
     checks = {r["check"] for r in rows}
     expected = {"op linear_grpo_loss", "op group_rewards", "tiny transductive LoRA grads triton vs torch"}
