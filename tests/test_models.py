@@ -264,15 +264,17 @@ def test_processor_is_rebuilt_from_the_pil_image_processor_when_auto_classes_nee
     tiny_idefics3_dir, tiny_family_dir, monkeypatch, test_image
 ):
     """transformers 5.17 without torchvision: AutoProcessor and AutoImageProcessor both refuse. With this fallback
-    the model, family, adapt, rollout, doctor and multi-image tests passed against 5.17; this test stands in for
-    that run on the versions CI installs."""
+    the whole test suite passed against 5.17; this test stands in for that run on the versions CI installs."""
     import transformers
 
     def refuse(*args, **kwargs):
         raise ImportError("AutoImageProcessor requires the Torchvision library")
 
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", refuse)
-    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", refuse)
+    try:
+        monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", refuse)
+    except ImportError:  # transformers 5.17 without torchvision: a placeholder that refuses by itself
+        pass
     for path, expected in ((tiny_idefics3_dir, "Idefics3ImageProcessorPil"),
                            (tiny_family_dir("internvl"), "GotOcr2ImageProcessorPil")):  # fmt: skip
         processor = load_processor(path)
