@@ -38,9 +38,9 @@ import triton
 import triton.language as tl
 
 from .grpo_loss_triton import grpo_terms
-from .linear_logprob_entropy_triton import backprop_chunk, cast_grads, chunk_logits, default_chunk_rows, matmul_dtype
+from .linear_logprob_entropy_triton import backprop_chunk, cast_grads, chunk_logits, matmul_dtype
 from .logprob_entropy_triton import autotuned, check_inputs, launch, row_softmax_grad, row_softmax_stats
-from .reference import loss_normalizer
+from .reference import default_chunk_rows, loss_normalizer
 
 
 @triton.jit

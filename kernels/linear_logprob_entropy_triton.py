@@ -24,18 +24,9 @@ Deviations and choices:
 from __future__ import annotations
 
 import torch
-import triton
 
 from .logprob_entropy_triton import backward_into, check_inputs, forward_into, grad_or_zeros
-
-CHUNK_ROWS_MIN = 256
-CHUNK_ROWS_MAX = 4096
-
-
-def default_chunk_rows(n_rows: int, hidden_size: int, vocab_size: int) -> int:
-    """Rows per chunk: the chunk's logits about as large as ``hidden`` itself (Liger's rule), within [256, 4096]."""
-    rows = triton.next_power_of_2(max(1, -(-n_rows * hidden_size // vocab_size)))
-    return max(1, min(n_rows, max(CHUNK_ROWS_MIN, min(CHUNK_ROWS_MAX, rows))))
+from .reference import default_chunk_rows
 
 
 def chunk_logits(hidden_chunk, weight, bias):

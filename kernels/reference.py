@@ -28,6 +28,17 @@ ADVANTAGE_EPS = 1e-6
 DEFAULT_ROW_CHUNK = 1024
 """Rows of hidden states turned into logits at once by the chunked fallback."""
 
+CHUNK_ROWS_MIN = 256
+CHUNK_ROWS_MAX = 4096
+
+
+def default_chunk_rows(n_rows: int, hidden_size: int, vocab_size: int) -> int:
+    """Rows per chunk of the Triton lm_head ops: the chunk's logits about as large as ``hidden`` itself (Liger's
+    rule), within [256, 4096] (here, without Triton, so that the memory planner can use it anywhere)."""
+    rows = max(1, -(-n_rows * hidden_size // vocab_size))
+    rows = 1 << (rows - 1).bit_length()  # the next power of 2
+    return max(1, min(n_rows, max(CHUNK_ROWS_MIN, min(CHUNK_ROWS_MAX, rows))))
+
 
 def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
     """Log-probability of ``targets`` and entropy of softmax(logits / temperature), per row, in fp32."""

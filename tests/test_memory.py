@@ -325,3 +325,44 @@ def test_planner_from_config_uses_fixed_sizes(vlm):
     planner = MemoryPlanner.for_config(vlm, config)
     shape = WorkShape(50, 8, 16)
     assert planner.micro_batch("sample", 8, shape) == 3 and planner.micro_batch("train", 8, shape) == 2
+
+
+def test_gpu_terms_of_the_estimate(vlm):
+    """bf16 activations with fp32 LoRA keep each adapted projection's input cast to fp32; the Triton lm_head path
+    keeps one [chunk, V] buffer in the model dtype (plus the autotuner's copy) instead of the torch path's fp32
+    intermediates. Both were found on an H200 (the estimate was 26-94% over there) and checked against its peaks."""
+    from ttrv_edge.kernels.reference import default_chunk_rows
+
+    from ttrv_edge.memory import model_costs
+
+    costs = model_costs(vlm.model)
+    text_lora = [
+        m for n, m in vlm.model.named_modules() if hasattr(m, "lora_A") and m.lora_A and "vision" not in n
+    ]  # fmt: skip
+    assert costs.lora_inputs == sum(m.in_features for m in text_lora) > 0 and costs.lora_dtype_bytes == 4
+    assert not costs.fused_head and MemoryPlanner.for_config(vlm, TTRVConfig()).costs.fused_head is False  # CPU
+
+    shape = WorkShape(prompt_tokens=90, new_tokens=64, vision_tokens=0)
+    tokens = shape.prompt_tokens + 8 * shape.new_tokens
+    fp32, bf16 = costs, dataclasses.replace(costs, dtype_bytes=2)
+    assert fp32.lora_cast_bytes_per_token == 0  # same width: peft casts nothing
+    wider = bf16.train_bytes(8, shape) - dataclasses.replace(bf16, lora_dtype_bytes=2).train_bytes(8, shape)
+    assert wider == tokens * costs.lora_inputs * 4
+
+    fused = dataclasses.replace(bf16, fused_head=True)
+    rows = 8 * shape.new_tokens
+    chunk = default_chunk_rows(rows, costs.hidden, costs.vocab)
+    assert fused.head_workspace_bytes(rows) == 2 * chunk * costs.vocab * 2
+    assert bf16.head_workspace_bytes(rows) == min(rows, 1024) * costs.vocab * 4 * 8
+    assert bf16.train_bytes(8, shape) - fused.train_bytes(8, shape) == (
+        bf16.head_workspace_bytes(rows) - fused.head_workspace_bytes(rows)
+    )
+
+
+@pytest.mark.parametrize(
+    "rows, hidden, vocab, expected", [(8192, 1536, 151936, 256), (100, 576, 49280, 100), (65536, 4096, 32000, 4096)]
+)
+def test_default_chunk_rows_follows_liger_s_rule(rows, hidden, vocab, expected):
+    from ttrv_edge.kernels.reference import default_chunk_rows
+
+    assert default_chunk_rows(rows, hidden, vocab) == expected

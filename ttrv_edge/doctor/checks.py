@@ -101,7 +101,8 @@ def _lora(base, rank: int) -> tuple[dict, list[str]]:
     report = {"rank": rank}
     for key, names in (("language", language), ("vision", vision)):
         params = sum(rank * (linear[n].in_features + linear[n].out_features) for n in names)
-        report[key] = {"modules": len(names), "parameters": params}
+        inputs = sum(linear[n].in_features for n in names)  # elements per token that LoRA casts to its dtype
+        report[key] = {"modules": len(names), "parameters": params, "in_features": inputs}
     problems = []
     if not language:
         problems.append("no language-model attention projections (q/k/v/o_proj) for LoRA")
@@ -198,8 +199,9 @@ def _generation(vlm) -> dict:
     }
 
 
-def _costs_at(costs, base, dtype_bytes: int, lora_params: int):
-    """``costs`` with the weights and activations of a ``dtype_bytes`` float model plus fp32 LoRA (language)."""
+def _costs_at(costs, base, dtype_bytes: int, lora: dict, fused_head: bool):
+    """``costs`` with the weights and activations of a ``dtype_bytes`` float model plus fp32 LoRA (language; its
+    doctor report), the loss on the Triton kernels or not (``fused_head``)."""
     from ..memory import tensor_bytes
 
     floats = other = 0
@@ -209,9 +211,18 @@ def _costs_at(costs, base, dtype_bytes: int, lora_params: int):
             floats += t.numel()
         else:
             other += tensor_bytes(t)
-    lora = lora_params * LORA_DTYPE_BYTES
-    weights = floats * dtype_bytes + other + lora
-    return replace(costs, weights_bytes=weights, trainable_bytes=lora, dtype_bytes=dtype_bytes, vision_trained=False)
+    adapter = lora["parameters"] * LORA_DTYPE_BYTES
+    weights = floats * dtype_bytes + other + adapter
+    return replace(
+        costs,
+        weights_bytes=weights,
+        trainable_bytes=adapter,
+        dtype_bytes=dtype_bytes,
+        vision_trained=False,
+        lora_inputs=lora["in_features"],
+        lora_dtype_bytes=LORA_DTYPE_BYTES,
+        fused_head=fused_head,
+    )
 
 
 def _plan(base, costs, resident: int, budget: int | None, rollouts: int, shape) -> dict:
@@ -241,14 +252,14 @@ def _memory_total() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _estimate(vlm, inputs, rollouts: int, new_tokens: int, lora_params: int, gpu_budget: str, baseline: int) -> dict:
+def _estimate(vlm, inputs, rollouts: int, new_tokens: int, lora: dict, gpu_budget: str, baseline: int) -> dict:
     from ..memory import model_costs, parse_memory_budget
     from ..rl.sampling import work_shape
 
     shape = work_shape(vlm, inputs, new_tokens)
     costs = model_costs(vlm.model)
-    cpu_costs = _costs_at(costs, vlm.model, CPU_DTYPE_BYTES, lora_params)
-    gpu_costs = _costs_at(costs, vlm.model, GPU_DTYPE_BYTES, lora_params)
+    cpu_costs = _costs_at(costs, vlm.model, CPU_DTYPE_BYTES, lora, fused_head=False)
+    gpu_costs = _costs_at(costs, vlm.model, GPU_DTYPE_BYTES, lora, fused_head=True)  # auto = Triton on CUDA
     cpu = _plan(vlm.model, cpu_costs, baseline + cpu_costs.weights_bytes, None, rollouts, shape)
     cpu.update(dtype="fp32", machine_memory_bytes=_memory_total())
     cpu["fits"] = cpu["peak_bytes"] <= cpu["machine_memory_bytes"]
@@ -317,7 +328,7 @@ def diagnose(
     report["estimate"] = (
         None
         if inputs is None
-        else _estimate(vlm, inputs, rollouts, max_new_tokens, lora["language"]["parameters"], gpu_budget, baseline)
+        else _estimate(vlm, inputs, rollouts, max_new_tokens, lora["language"], gpu_budget, baseline)
     )
     report["problems"], report["usable"] = problems, not problems
     return report

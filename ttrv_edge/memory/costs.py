@@ -5,7 +5,11 @@
 - **train**: the loss forward with grad in micro-batches of ``m`` rows, gradients accumulated over them (the update
   equals the one-batch update); the prompt runs once per micro-batch and its cache is shared by the rows, so the
   activations are ``P + m x T`` tokens over all layers, plus the fused log-prob kernel's workspace (chunk rows x V)
-  and the LoRA gradients and AdamW state. When the vision side trains (``--lora-targets vision/all``,
+  and the LoRA gradients and AdamW state. With LoRA weights wider than the activations (fp32 LoRA on a bf16 model,
+  the GPU default), peft casts each adapted projection's input to the LoRA dtype and autograd keeps that copy too.
+  The workspace is the torch path's fp32 intermediates of a chunk of rows (8 [chunk, V] tensors, fitted on CPU), or
+  with the Triton kernels (``fused_head``, CUDA) one [chunk, V] buffer in the model dtype (Liger's chunk rule) plus
+  the autotuner's copy of it. When the vision side trains (``--lora-targets vision/all``,
   ``--train-norms``), autograd also keeps the vision tower's activations over all its layers, once per micro-batch
   (the image is encoded once for the rows: ``shared_prefix_hidden``/``shared_vision``); otherwise the tower runs
   without grad and only one layer's transient counts.
@@ -23,12 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.reference import DEFAULT_ROW_CHUNK, default_chunk_rows
 from ..models.lora import VISION_MARKERS
 from .meter import tensor_bytes
 
 __all__ = ["HEAD_CHUNK_ROWS", "ModelCosts", "WorkShape", "model_costs"]
 
-HEAD_CHUNK_ROWS = 1024  # rows the fused lm_head kernel turns into logits at once (kernels.reference.DEFAULT_ROW_CHUNK)
+HEAD_CHUNK_ROWS = DEFAULT_ROW_CHUNK  # rows the torch reference's lm_head op turns into logits at once
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,9 @@ class ModelCosts:
     attention_scores: bool = False  # eager attention keeps heads x L x L scores per layer
     vision_layers: int = 0
     vision_trained: bool = False  # a trainable parameter sits in the vision tower or connector
+    lora_inputs: int = 0  # in_features summed over the language model's LoRA-adapted linears (elements per token)
+    lora_dtype_bytes: int = 4
+    fused_head: bool = False  # the loss runs the Triton lm_head kernels (CUDA), not the torch reference
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -84,7 +92,21 @@ class ModelCosts:
         per_layer = 8 * self.hidden + 2 * self.kv_heads * self.head_dim + 3 * self.intermediate
         if self.attention_scores:
             per_layer += 2 * self.heads * length
-        return self.layers * per_layer * self.dtype_bytes
+        return self.layers * per_layer * self.dtype_bytes + self.lora_cast_bytes_per_token
+
+    @property
+    def lora_cast_bytes_per_token(self) -> int:
+        """The adapted projections' inputs cast to the LoRA dtype (kept for the backward) when it is wider."""
+        return self.lora_inputs * self.lora_dtype_bytes if self.lora_dtype_bytes > self.dtype_bytes else 0
+
+    def head_workspace_bytes(self, rows: int) -> int:
+        """The lm_head + log-prob op's workspace on ``rows`` token rows (see the module docstring)."""
+        if self.fused_head:
+            chunk = default_chunk_rows(rows, self.hidden, self.vocab)
+            return 2 * chunk * self.vocab * self.dtype_bytes
+        # fp32 log-softmax, probabilities, p*log p, recomputed in the backward (activation checkpointing) beside
+        # their gradients: ~8 [chunk, V] tensors (fitted on the SmolVLM-256M architecture, CPU)
+        return min(rows, HEAD_CHUNK_ROWS) * self.vocab * 4 * 8
 
     def vision_bytes(self, vision_tokens: int) -> int:
         """Transient memory of one no-grad pass of the vision tower over one copy of the images."""
@@ -136,10 +158,7 @@ class ModelCosts:
         activations = tokens * self.train_act_bytes_per_token(prompt + new)
         prompt_cache = (rows + 1) * prompt * self.kv_bytes_per_token
         hidden_out = 2 * tokens * self.hidden * self.dtype_bytes
-        head_rows = min(rows * new, HEAD_CHUNK_ROWS)
-        # one chunk of logits in fp32: log-softmax, probabilities, p*log p, recomputed in the backward (activation
-        # checkpointing) beside their gradients: ~8 [rows, V] tensors (fitted on the SmolVLM-256M architecture, CPU)
-        workspace = head_rows * self.vocab * 4 * 8
+        workspace = self.head_workspace_bytes(rows * new)
         backward = 2 * tokens * (2 * self.hidden + 2 * self.intermediate) * 4  # one layer's gradient buffers
         optimizer = 4 * self.trainable_bytes  # grads + AdamW's two moments (+ one update temporary)
         tokens_in = shape.vision_tokens
@@ -163,8 +182,22 @@ def _side(patch) -> int:
     return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
 
 
-def model_costs(model) -> ModelCosts:
-    """The ``ModelCosts`` of a (peft-wrapped, possibly quantized) VLM: config sizes plus bytes of its tensors."""
+def _lora_inputs(model) -> tuple[int, int]:
+    """(in_features summed over the language model's LoRA-adapted linears, the LoRA weights' bytes per element)."""
+    total, width = 0, 4
+    for name, module in model.named_modules():
+        adapters = getattr(module, "lora_A", None)
+        if not isinstance(adapters, torch.nn.ModuleDict) or not adapters or any(m in name for m in VISION_MARKERS):
+            continue
+        first = next(iter(adapters.values()))
+        total += int(first.in_features)
+        width = first.weight.element_size()
+    return total, width
+
+
+def model_costs(model, fused_head: bool = False) -> ModelCosts:
+    """The ``ModelCosts`` of a (peft-wrapped, possibly quantized) VLM: config sizes plus bytes of its tensors.
+    ``fused_head``: the loss will run the Triton lm_head kernels (``backend`` resolving to triton)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -193,6 +226,7 @@ def model_costs(model) -> ModelCosts:
     vision_inter = int(_first(vision, "intermediate_size", default=0)) if vision is not None else 0
     if vision is not None and not vision_inter:
         vision_inter = int(vision_hidden * float(_first(vision, "mlp_ratio", default=4)))
+    lora_inputs, lora_width = _lora_inputs(model)
     return ModelCosts(
         weights_bytes=weights,
         trainable_bytes=trainable,
@@ -212,4 +246,7 @@ def model_costs(model) -> ModelCosts:
         attention_scores=attention == "eager",
         vision_layers=int(_first(vision, "depth", "num_hidden_layers", default=0)) if vision is not None else 0,
         vision_trained=vision_trained,
+        lora_inputs=lora_inputs,
+        lora_dtype_bytes=lora_width,
+        fused_head=fused_head,
     )

@@ -40,8 +40,9 @@ class MemoryPlanner:
         sample_micro_batch: int | None = None,
         train_micro_batch: int | None = None,
         device: torch.device | str | None = None,
+        fused_head: bool = False,
     ):
-        self.costs = model_costs(model)
+        self.costs = model_costs(model, fused_head=fused_head)
         self.budget = budget_bytes
         self.fixed = {"sample": sample_micro_batch, "train": train_micro_batch}
         self.meter = PeakMeter(device if device is not None else _model_device(model))
@@ -57,12 +58,20 @@ class MemoryPlanner:
 
     @classmethod
     def for_config(cls, vlm, config) -> MemoryPlanner:
-        """The planner a ``TTRVConfig`` asks for (budget and fixed micro-batch sizes)."""
+        """The planner a ``TTRVConfig`` asks for (budget, fixed micro-batch sizes, the loss's backend)."""
+        from ..kernels import resolve_backend
+
+        probe = torch.empty(0, device=_model_device(vlm.model))
+        try:
+            fused = resolve_backend(getattr(config, "backend", "auto"), probe) == "triton"
+        except ValueError:  # a backend that cannot run here: the loss raises the same error when it starts
+            fused = False
         return cls(
             vlm.model,
             parse_memory_budget(getattr(config, "memory_budget", None)),
             sample_micro_batch=getattr(config, "sample_micro_batch", None),
             train_micro_batch=getattr(config, "train_micro_batch", None),
+            fused_head=fused,
         )
 
     def estimate(self, phase: str, rows: int, shape: WorkShape, corrected: bool = True) -> int:
