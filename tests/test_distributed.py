@@ -156,7 +156,8 @@ def _failure(run: subprocess.CompletedProcess) -> str:
 
 def _document(run: subprocess.CompletedProcess) -> dict:
     """The one JSON document of a launch: stdout holds exactly one line, from rank 0."""
-    assert run.returncode == 0, _failure(run)
+    done = "rank 0 had printed its JSON" if run.stdout.strip() else "rank 0 had printed nothing"
+    assert run.returncode == 0, f"{done}\n{_failure(run)}"
     lines = [line for line in run.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, run.stdout[-2000:]
     return json.loads(lines[0])

@@ -278,15 +278,23 @@ def init(launch: Launch) -> Group:
 
 @contextmanager
 def joined(launch: Launch | None):
-    """``init(launch)`` for the body, then ``shutdown``; ``SINGLE`` (and nothing else) without a launch."""
+    """``init(launch)`` for the body, then ``shutdown``; ``SINGLE`` (and nothing else) without a launch.
+
+    After a body that ended well every rank meets at a barrier before any tears its connections down: a rank that
+    destroyed its gloo group while the other still finished its last collective aborted the process once in a few
+    dozen runs ("terminate called without an active exception"). After a failure there is no barrier (the other
+    ranks may never come; torchrun stops them)."""
     if launch is None:
         yield SINGLE
         return
     group = init(launch)
     try:
         yield group
-    finally:
+    except BaseException:
         shutdown()
+        raise
+    group.barrier()
+    shutdown()
 
 
 def device_for(launch: Launch | None) -> str | None:
