@@ -162,7 +162,7 @@ def adapt(
     if mode == "episodic" and checkpoint_dir is not None:
         raise ValueError("--checkpoint-dir: only folder and JSONL runs (transductive mode) are checkpointed")
     replacing = check_out_dir(out, overwrite)  # before the model loads, too
-    with distributed.joined(launch) as group:
+    with distributed.joined(launch, teardown=False) as group:  # main() ends the ranks: distributed.leave
         main_rank = group.is_main  # rank 0 alone shows progress, writes the adapter and prints the results
         with stderr.status(f"loading {model}", spinner="dots") if main_rank else nullcontext():
             ttrv = TTRVModel.from_pretrained(
@@ -307,7 +307,27 @@ def _set_thread_policy(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: runs the app and turns user errors into one line on stderr."""
+    """Console-script entry point: runs the app and turns user errors into one line on stderr. A torchrun rank
+    (a process group left open by ``adapt``) ends here through ``distributed.leave``."""
+    code = _run(argv)
+    if _distributed_open():
+        from .rl.distributed import leave
+
+        leave(code)
+    return code
+
+
+def _distributed_open() -> bool:
+    """Whether this process is a torchrun rank whose process group is still open (``adapt`` leaves it open)."""
+    torch_distributed = sys.modules.get("torch.distributed")
+    if torch_distributed is None or not torch_distributed.is_available() or not torch_distributed.is_initialized():
+        return False
+    from .rl import distributed
+
+    return distributed.launch_from_env() is not None
+
+
+def _run(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _set_thread_policy(argv)
     _quiet_libraries()

@@ -40,11 +40,12 @@ communication time (``comm_seconds``) includes the wait for the slowest rank at 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 
@@ -277,13 +278,13 @@ def init(launch: Launch) -> Group:
 
 
 @contextmanager
-def joined(launch: Launch | None):
+def joined(launch: Launch | None, teardown: bool = True):
     """``init(launch)`` for the body, then ``shutdown``; ``SINGLE`` (and nothing else) without a launch.
 
-    After a body that ended well every rank meets at a barrier before any tears its connections down: a rank that
-    destroyed its gloo group while the other still finished its last collective aborted the process once in a few
-    dozen runs ("terminate called without an active exception"). After a failure there is no barrier (the other
-    ranks may never come; torchrun stops them)."""
+    After a body that ended well every rank meets at a barrier first. ``teardown=False`` (the command line) leaves the
+    group open for ``leave``: destroying a gloo group, or letting the interpreter finalize with one, aborted a rank
+    now and then after its work was done ("terminate called without an active exception", seen in about 1 of 15
+    two-rank test runs). After a failure there is no barrier (the other ranks may never come; torchrun stops them)."""
     if launch is None:
         yield SINGLE
         return
@@ -291,10 +292,23 @@ def joined(launch: Launch | None):
     try:
         yield group
     except BaseException:
-        shutdown()
+        if teardown:
+            shutdown()
         raise
     group.barrier()
-    shutdown()
+    if teardown:
+        shutdown()
+
+
+def leave(code: int) -> NoReturn:
+    """End this rank's process with ``code`` once its output is flushed, without tearing the process group down or
+    finalizing the interpreter (see ``joined``); torchrun collects the exit codes."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed stream: nothing left to flush
+            pass
+    os._exit(code)
 
 
 def device_for(launch: Launch | None) -> str | None:
