@@ -7,7 +7,8 @@
 # hang or a slow stage cannot take the others' time (SECONDS, default 480, is the whole run's budget; the memory
 # stage gets most of what is left, the sampling stage the rest):
 #   env      the device, driver and library versions; wheels in .whl/ (bitsandbytes, optimum-quanto, liger-kernel,
-#            num2words, for a machine without a package index) go to /tmp/site; the package is installed --no-deps
+#            num2words, for a machine without a package index: bench/gpu_wheels.sh downloads them) go to /tmp/site;
+#            the package is installed --no-deps
 #   smoke    bench/gpu_smoke.py: every op with both backends, and adaptations on tiny + SmolVLM-256M, in bf16
 #   kernels  logprob_entropy, linear_logprob_entropy and linear_grpo_loss at [2048|8192, 151936] (H 1536), bf16,
 #            fwd and fwd+bwd, against TRL's eager path (reimplemented), torch.compile and Liger
