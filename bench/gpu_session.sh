@@ -16,7 +16,10 @@
 #            N 8 and 16, 64 new tokens, --memory-budget 6GB, ttrv against the TRL-style step, per-phase peaks
 #   sampling the sampling phase alone on SmolVLM-256M: shared-prefix decoding against generate(num_return_sequences)
 # The random-weight model folders are built in the background while the smoke test runs (CPU work). Results are
-# written under bench/results/ (*_cuda.csv, memory_gpu.*); with RESULTS_TAR they are also packed into that file.
+# written under bench/results/ (*_cuda.csv, memory_gpu.*); with RESULTS_TAR they are also packed into that file after
+# every stage (a run stopped by its time limit keeps what it finished). For a short GPU lease, the environment
+# narrows the work: SMOKE_MODELS (default tiny,smolvlm-256m), ROLLOUTS (8,16), QWEN_QUANTIZE (none,nf4,int4),
+# SMOLVLM_QUANTIZE (none,nf4; empty skips the SmolVLM rows), BUILD_MODELS (the folders built in the background).
 set -u
 TAR=${1:-}
 BUDGET=${2:-480}
@@ -28,6 +31,7 @@ MODELS=/tmp/ttrv-bench-models
 
 stage() { echo; echo "=== $1 ($(($(date +%s) - START)) s into the run)"; }
 wanted() { [[ $STAGES == *,$1,* ]]; }
+pack() { [ -z "$TAR" ] || tar czf "$TAR" $RESULTS/*_cuda.* $RESULTS/memory_gpu.* 2>/dev/null || true; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
 stage env
@@ -51,7 +55,7 @@ import sys, torch
 sys.path.insert(0, "bench")
 from pathlib import Path
 from real_size import build_model_dir, load_spec
-for name in ("qwen2-vl-2b", "smolvlm-256m", "smolvlm-500m"):
+for name in "${BUILD_MODELS:-qwen2-vl-2b smolvlm-256m smolvlm-500m}".split():
     build_model_dir(load_spec(name), Path("$MODELS") / f"{name}-bf16", dtype=torch.bfloat16)
     print("built", name, flush=True)
 EOF
@@ -59,8 +63,10 @@ BUILD=$!
 
 if wanted smoke; then
   stage smoke
-  timeout -k 5 150 python3 bench/gpu_smoke.py --out $RESULTS/gpu_smoke_cuda.csv
+  timeout -k 5 150 python3 bench/gpu_smoke.py --models "${SMOKE_MODELS:-tiny,smolvlm-256m}" \
+    --out $RESULTS/gpu_smoke_cuda.csv
   echo "smoke exit $?"
+  pack
 fi
 wait $BUILD; tail -3 /tmp/build.log
 
@@ -72,27 +78,33 @@ if wanted kernels; then
     --providers triton,torch,chunked,liger --out $RESULTS/linear_logprob_entropy_cuda.csv
   timeout -k 5 45 python3 bench/bench_linear_grpo_loss.py --N 2048,8192 --V 151936 --H 1536 --dtypes bf16 \
     --providers fused,composition,trl,liger --out $RESULTS/linear_grpo_loss_cuda.csv
+  pack
 fi
 
-MEMORY="python3 bench/bench_memory.py --device cuda --dtype bf16 --cache-dir $MODELS --rollouts 8,16 --new-tokens 64
-  --memory-budget 6GB --timeout 120 --out $RESULTS/memory_gpu.csv"
+MEMORY="python3 bench/bench_memory.py --device cuda --dtype bf16 --cache-dir $MODELS --rollouts ${ROLLOUTS:-8,16}
+  --new-tokens 64 --memory-budget 6GB --timeout 120 --out $RESULTS/memory_gpu.csv"
 RESERVE=$(wanted sampling && echo 60 || echo 0)
+SMOLVLM_QUANTIZE=${SMOLVLM_QUANTIZE-none,nf4}
 if wanted memory; then
   stage memory
-  timeout -k 5 $((($(left) - RESERVE) * 3 / 5)) $MEMORY --methods ttrv,trl --models qwen2-vl-2b --quantize none,nf4,int4
+  SHARE=$([ -n "$SMOLVLM_QUANTIZE" ] && echo 3 || echo 5)
+  timeout -k 5 $((($(left) - RESERVE) * SHARE / 5)) $MEMORY --methods ttrv,trl --models qwen2-vl-2b \
+    --quantize "${QWEN_QUANTIZE:-none,nf4,int4}"
   echo "memory (Qwen2-VL-2B) exit $?"
-  timeout -k 5 $(($(left) - RESERVE - 15)) $MEMORY --methods ttrv,trl --models smolvlm-256m,smolvlm-500m \
-    --quantize none,nf4
-  echo "memory (SmolVLM) exit $?"
+  pack
+  if [ -n "$SMOLVLM_QUANTIZE" ] && [ $(($(left) - RESERVE)) -gt 30 ]; then
+    timeout -k 5 $(($(left) - RESERVE - 15)) $MEMORY --methods ttrv,trl --models smolvlm-256m,smolvlm-500m \
+      --quantize "$SMOLVLM_QUANTIZE"
+    echo "memory (SmolVLM) exit $?"
+    pack
+  fi
 fi
-if wanted sampling; then
+if wanted sampling && [ $(left) -gt 30 ]; then
   stage sampling
   timeout -k 5 $(($(left) - 15)) $MEMORY --methods sample-shared,sample-plain --models smolvlm-256m --quantize none
   echo "sampling exit $?"
 fi
 
 stage done
-if [ -n "$TAR" ]; then
-  tar czf "$TAR" $RESULTS/*_cuda.* $RESULTS/memory_gpu.* 2>/dev/null
-  ls -la "$TAR"
-fi
+pack
+[ -z "$TAR" ] || ls -la "$TAR"
