@@ -15,6 +15,9 @@ Run it first on a GPU machine: it fails (exit 1) on the first disagreement, befo
    themselves are not compared element by element: AdamW's first step moves every weight by about +-lr whatever the
    size of its gradient, so a near-zero gradient component that bf16 rounds to the other sign moves the other way
    (seen on an H200: gradients within 0.8%, a handful of 3,072 tiny-model weights moved in opposite directions).
+   A last check says whether the two backends sampled the same first rollouts: if not, different gradients come
+   from different rollouts, not from the kernels (on an H200 one mode's gradients disagreed completely, 51% of the
+   weights moved oppositely, while every op agreed to 1e-6).
 Writes one CSV row per check (device name and library versions in every row) to ``--out``.
 """
 
@@ -137,7 +140,7 @@ def check_adaptation(model_dir: str, label: str, device: str, dtype_name: str) -
 
     question = _word_bucket_question()("Describe the image.")
     scenes = [make_scene(seed) for seed in range(2)]
-    rows, deltas, grads = [], {}, {}
+    rows, deltas, grads, first_rollouts = [], {}, {}, {}
     for backend in ("torch", "triton"):
         for mode in ("episodic", "transductive"):
             options = dict(backend=backend, rollouts=8, views=1, steps=1, epochs=1, batch_size=2, max_new_tokens=8)
@@ -154,6 +157,17 @@ def check_adaptation(model_dir: str, label: str, device: str, dtype_name: str) -
                         {n: p.grad.detach().float().clone() for n, p in trained.items() if p.grad is not None}
                     )
 
+            sampled = []  # the first step's rollout token ids: the same for both backends unless sampling diverged
+            real_sample = model.loop.sample
+
+            def sample(item, seed, real_sample=real_sample, sampled=sampled):
+                rollouts, answers = real_sample(item, seed)
+                if not sampled:
+                    groups = rollouts if isinstance(rollouts, list) else [rollouts]
+                    sampled.append([group.completion_ids.cpu() for group in groups])
+                return rollouts, answers
+
+            model.loop.sample = sample
             hook = register_optimizer_step_pre_hook(first_step_grads)
             started = time.perf_counter()
             try:
@@ -175,8 +189,14 @@ def check_adaptation(model_dir: str, label: str, device: str, dtype_name: str) -
                 }  # fmt: skip
             )
             deltas[backend, mode] = {n: p.detach().float() - start[n] for n, p in trained.items()}
+            first_rollouts[backend, mode] = sampled[0] if sampled else []
             grads[backend, mode] = captured
     for mode in ("episodic", "transductive"):
+        ours, theirs = first_rollouts["triton", mode], first_rollouts["torch", mode]
+        same = len(ours) == len(theirs)
+        same = same and all(a.shape == b.shape and bool((a == b).all()) for a, b in zip(ours, theirs))
+        rows.append({"check": f"{label} {mode} first rollouts differ (triton vs torch)", "value": float(not same),
+                     "limit": 0.0})  # fmt: skip
         reference, fused = grads["torch", mode], grads["triton", mode]
         error = max((_rel(fused[n], reference[n]) for n in reference), default=float("inf"))  # inf: no update
         rows.append(
