@@ -44,7 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import versions
+from common import error_line, versions
 from memory_report import merge_rows, plot, read_csv, write_csv, write_markdown
 
 LIBRARIES = ("torch", "transformers", "peft", "triton", "bitsandbytes", "optimum-quanto")
@@ -280,8 +280,7 @@ def worker(jobs: list[dict]) -> list[dict]:
             row = RUNS[job["method"]](vlm, inputs, _pattern_question(), job, meter)
             row["step_s"] = row["sample_s"] + row["update_s"]
         except Exception as exc:  # noqa: BLE001 - out of memory, a library's error: the row says which
-            first_line = (str(exc).strip().splitlines() or [""])[0]
-            row = {"error": f"{type(exc).__name__}: {first_line[:250]}"}
+            row = {"error": error_line(exc, 250)}
         row.update(prompt_tokens=int(inputs["input_ids"].shape[1]), loaded_bytes=loaded, warmed_up=warm, **meta)
         rows.append(row)
         gc.collect()
@@ -379,8 +378,7 @@ def _run_group(jobs: list[dict], args) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        jobs = args.worker if isinstance(args.worker, list) else [args.worker]
-        sys.stdout.write(json.dumps(worker(jobs)) + "\n")
+        sys.stdout.write(json.dumps(worker(args.worker)) + "\n")
         return 0
     if args.replot:
         rows = read_csv(args.out)

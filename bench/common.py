@@ -228,6 +228,12 @@ def _quiet_stderr():
         os.close(saved)
 
 
+def error_line(exc: BaseException, limit: int) -> str:
+    """``Type: first line of the message`` (the message cut to ``limit`` characters), for a CSV cell or a log line."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first_line[:limit]}"
+
+
 def run_case(case: Case, args: argparse.Namespace, op: str) -> dict | None:
     """Measure one case; None when its provider is skipped (the reason is printed once per provider)."""
     row = {"op": op, "provider": case.provider, "N": case.N, "V": case.V, "H": case.H, "dtype": case.dtype,
@@ -247,9 +253,8 @@ def run_case(case: Case, args: argparse.Namespace, op: str) -> dict | None:
         print(f"OOM {case.provider} N={case.N} V={case.V} H={case.H} {case.dtype} {case.pass_}")
         ms = mem = math.nan
     except Exception as exc:  # a provider's own error (a library's API changed, say): reported, the others go on
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         print(f"error {case.provider} N={case.N} V={case.V} H={case.H} {case.dtype} {case.pass_}: "
-              f"{type(exc).__name__}: {first_line}")  # fmt: skip
+              f"{error_line(exc, 200)}")  # fmt: skip
         return None
     finally:
         if args.device == "cuda":
